@@ -1,0 +1,1 @@
+"""Local process tooling for the demo and tests."""

@@ -1,0 +1,130 @@
+"""``create_app(settings)``: the gateway's FastAPI app, built from settings, no globals.
+
+The lifespan validates models.json and the API keys (a bad file or a production start without
+keys stops start-up with one clear error), opens one Redis client and the multiplexed relay,
+and builds the Celery app used only to send tasks by name.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from celery import Celery
+from fastapi import FastAPI
+from redis.asyncio import Redis
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from gateway.auth import KeyStore
+from gateway.chat import ChatService
+from gateway.conversations import ConversationStore
+from gateway.errors import APIError, install_error_handlers
+from gateway.jobs import JobService
+from gateway.medgemma.router import router as medgemma_router
+from gateway.relay import Relay
+from gateway.routes.conversations import router as conversations_router
+from gateway.routes.health import router as health_router
+from gateway.routes.models import router as models_router
+from gateway.settings import GatewaySettings
+from gateway.state import AppState
+from shared.celery_config import celery_options
+from shared.errors import ErrorCode
+from shared.keys import Keys
+from shared.registry import load_registry
+
+logger = logging.getLogger(__name__)
+
+
+class BodyLimit:
+    """Refuses request bodies above the limit with 413 before they are read."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            length = dict(scope["headers"]).get(b"content-length")
+            if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
+                from gateway.errors import error_response
+
+                err = APIError(
+                    413,
+                    ErrorCode.BODY_TOO_LARGE,
+                    f"The request body is larger than {self.max_bytes} bytes.",
+                )
+                await error_response(413, err.info())(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def create_app(settings: GatewaySettings) -> FastAPI:
+    registry = load_registry(settings.models_file)  # fail fast, before serving anything
+    api_keys = KeyStore.from_config(
+        settings.gateway_api_keys.get_secret_value() if settings.gateway_api_keys else None,
+        settings.gateway_api_keys_file,
+        development=settings.gateway_env == "development",
+    )
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        redis = Redis.from_url(
+            settings.redis_url,
+            decode_responses=True,
+            socket_connect_timeout=2,
+            socket_timeout=5,
+            health_check_interval=15,
+        )
+        keys = Keys(settings.key_prefix)
+        relay = Relay(redis, keys)
+        await relay.start()
+        celery = Celery("medgemma-gateway")
+        celery.conf.update(celery_options(settings.redis_url))
+        jobs = JobService(
+            redis,
+            relay,
+            celery,
+            keys,
+            heartbeat_ttl_s=settings.heartbeat_ttl_s,
+            idle_timeout_s=settings.gateway_idle_timeout_s,
+        )
+        chat = ChatService(
+            jobs,
+            ConversationStore(redis, keys),
+            queue_timeout_s=settings.gateway_queue_timeout_s,
+            max_generation_s=settings.gateway_max_generation_s,
+        )
+        app.state.gateway = AppState(
+            settings=settings,
+            registry=registry,
+            keys=keys,
+            redis=redis,
+            relay=relay,
+            celery=celery,
+            chat=chat,
+            api_keys=api_keys,
+        )
+        if api_keys.uses_demo_key:
+            logger.warning("development mode: the demo API key 'demo-key' (user demo) is active")
+        logger.info("gateway ready: %d models in %s", len(registry.models), registry.source)
+        try:
+            yield
+        finally:
+            await relay.stop()
+            await redis.aclose()
+            celery.close()
+
+    app = FastAPI(
+        title="MedGemma serving gateway",
+        version="0.1.0",
+        lifespan=lifespan,
+        description="Chat with MedGemma through a queue of GPU workers; answers stream as SSE.",
+    )
+    install_error_handlers(app)
+    app.include_router(health_router)
+    app.include_router(models_router)
+    app.include_router(medgemma_router)
+    app.include_router(conversations_router)
+    app.add_middleware(BodyLimit, max_bytes=settings.gateway_max_body_bytes)
+    return app

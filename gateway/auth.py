@@ -1,0 +1,100 @@
+"""API keys with identities and roles.
+
+Keys come from ``GATEWAY_API_KEYS`` ("key:user_id:role,...") and/or a file, and are held only
+as SHA-256 digests mapped to a :class:`Principal`. In development mode with no keys the demo
+key ``demo-key`` (user ``demo``) is used; production refuses to start without keys or with
+the demo key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+DEMO_KEY = "demo-key"
+DEMO_USER = "demo"
+
+Role = Literal["user", "admin"]
+
+
+class KeyConfigError(ValueError):
+    """The key configuration is unusable; the message says how to fix it."""
+
+
+@dataclass(frozen=True)
+class Principal:
+    user_id: str
+    role: Role
+
+    @property
+    def is_admin(self) -> bool:
+        return self.role == "admin"
+
+
+def _digest(key: str) -> bytes:
+    return hashlib.sha256(key.encode()).digest()
+
+
+def _parse(spec: str, where: str) -> tuple[str, Principal]:
+    parts = spec.strip().split(":")
+    if len(parts) != 3 or not all(parts):
+        raise KeyConfigError(f"{where}: expected key:user_id:role, got {len(parts)} fields")
+    key, user, role = parts
+    if role not in ("user", "admin"):
+        raise KeyConfigError(f"{where}: role must be user or admin, got {role!r}")
+    if len(key) < 8:
+        raise KeyConfigError(f"{where}: key for user {user!r} is shorter than 8 characters")
+    return key, Principal(user_id=user, role=role)  # type: ignore[arg-type]
+
+
+class KeyStore:
+    def __init__(self, entries: dict[bytes, Principal]) -> None:
+        self._by_digest = entries
+
+    @classmethod
+    def from_config(
+        cls, env_value: str | None, file: Path | None, *, development: bool
+    ) -> KeyStore:
+        specs: list[tuple[str, str]] = []
+        if env_value:
+            specs += [(s, "GATEWAY_API_KEYS") for s in env_value.split(",") if s.strip()]
+        if file is not None:
+            try:
+                lines = file.read_text(encoding="utf-8").splitlines()
+            except OSError as exc:
+                raise KeyConfigError(f"cannot read GATEWAY_API_KEYS_FILE: {exc.strerror}") from None
+            specs += [
+                (line, f"{file.name} line {n}")
+                for n, line in enumerate(lines, 1)
+                if line.strip() and not line.lstrip().startswith("#")
+            ]
+        entries: dict[bytes, Principal] = {}
+        for spec, where in specs:
+            key, principal = _parse(spec, where)
+            if key == DEMO_KEY and not development:
+                raise KeyConfigError(
+                    "the demo key 'demo-key' is configured in production; use real keys"
+                )
+            entries[_digest(key)] = principal
+        if not entries:
+            if not development:
+                raise KeyConfigError(
+                    "no API keys configured: set GATEWAY_API_KEYS='key:user_id:role,...' or "
+                    "GATEWAY_API_KEYS_FILE (GATEWAY_ENV=development allows the demo key)"
+                )
+            entries[_digest(DEMO_KEY)] = Principal(user_id=DEMO_USER, role="user")
+        return cls(entries)
+
+    def authenticate(self, key: str) -> Principal | None:
+        digest = _digest(key)
+        for known, principal in self._by_digest.items():
+            if hmac.compare_digest(known, digest):
+                return principal
+        return None
+
+    @property
+    def uses_demo_key(self) -> bool:
+        return _digest(DEMO_KEY) in self._by_digest

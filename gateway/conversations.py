@@ -1,0 +1,70 @@
+"""Conversation history in Redis, owned by one user each.
+
+Keys are built from a hash of the owner's user id (see :mod:`shared.keys`), so one user can
+never address another's conversation: for anyone else it simply does not exist (404). A turn
+holds ``...:lock`` (value: its job id) from enqueue until the worker stores the answer, so two
+concurrent turns on one conversation cannot interleave; the second gets 409. Workers append
+finished turns (see ``worker/conversation.py``); the gateway reads, lists and deletes.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel
+from redis.asyncio import Redis
+
+from shared.keys import Keys
+from shared.protocol import ChatMessage
+
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+
+class ConversationSummary(BaseModel):
+    conversation_id: str
+    updated_at: float
+    messages: int
+
+
+class ConversationStore:
+    def __init__(self, redis: Redis, keys: Keys) -> None:
+        self._redis = redis
+        self._keys = keys
+        self._release = redis.register_script(_RELEASE)
+
+    async def history(self, user_id: str, conversation_id: str) -> list[ChatMessage]:
+        raw = await self._redis.lrange(self._keys.conversation(user_id, conversation_id), 0, -1)
+        return [ChatMessage.model_validate_json(r) for r in raw]
+
+    async def lock(self, user_id: str, conversation_id: str, job_id: str, ttl_s: int) -> bool:
+        key = self._keys.conversation_lock(user_id, conversation_id)
+        return bool(await self._redis.set(key, job_id, nx=True, ex=ttl_s))
+
+    async def unlock(self, user_id: str, conversation_id: str, job_id: str) -> None:
+        key = self._keys.conversation_lock(user_id, conversation_id)
+        await self._release(keys=[key], args=[job_id])
+
+    async def list(self, user_id: str) -> list[ConversationSummary]:
+        index = self._keys.conversations(user_id)
+        rows = await self._redis.zrevrange(index, 0, -1, withscores=True)
+        pipe = self._redis.pipeline(transaction=False)
+        for cid, _score in rows:
+            pipe.llen(self._keys.conversation(user_id, cid))
+        counts = await pipe.execute()
+        gone = [cid for (cid, _s), n in zip(rows, counts, strict=True) if n == 0]
+        if gone:  # expired conversations leave the index lazily
+            await self._redis.zrem(index, *gone)
+        return [
+            ConversationSummary(conversation_id=cid, updated_at=score, messages=n)
+            for (cid, score), n in zip(rows, counts, strict=True)
+            if n
+        ]
+
+    async def delete(self, user_id: str, conversation_id: str) -> bool:
+        key = self._keys.conversation(user_id, conversation_id)
+        pipe = self._redis.pipeline(transaction=True)
+        pipe.delete(key)
+        pipe.zrem(self._keys.conversations(user_id), conversation_id)
+        deleted, _ = await pipe.execute()
+        return bool(deleted)

@@ -1,0 +1,56 @@
+"""FastAPI dependencies as ``Annotated`` aliases."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+from gateway.auth import Principal
+from gateway.errors import APIError
+from gateway.state import AppState
+from shared.errors import ErrorCode
+from shared.registry import ModelEntry
+
+_bearer = HTTPBearer(auto_error=False, description="Authorization: Bearer <API key>")
+
+
+def get_state(request: Request) -> AppState:
+    state: AppState = request.app.state.gateway
+    return state
+
+
+StateDep = Annotated[AppState, Depends(get_state)]
+
+
+def get_principal(
+    state: StateDep,
+    creds: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+) -> Principal:
+    principal = state.api_keys.authenticate(creds.credentials) if creds else None
+    if principal is None:
+        raise APIError(
+            401,
+            ErrorCode.UNAUTHORIZED,
+            "Missing or invalid API key. Send 'Authorization: Bearer <your key>'.",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+    return principal
+
+
+PrincipalDep = Annotated[Principal, Depends(get_principal)]
+
+
+def visible_model(state: AppState, principal: Principal, name: str) -> ModelEntry:
+    """The registry entry, or 404 — also for admin-only models asked for by a non-admin, so
+    they cannot be probed."""
+    entry = state.registry.get(name)
+    if entry is None or (entry.admin and not principal.is_admin):
+        raise APIError(
+            404,
+            ErrorCode.MODEL_NOT_FOUND,
+            f"Model {name!r} does not exist. GET /models lists the models you can use.",
+            param="model",
+        )
+    return entry

@@ -1,0 +1,121 @@
+"""One error body for every failure: ``{"error": {"message", "type", "param", "code"}}``.
+
+Routes raise :class:`APIError`; the handlers here turn it, FastAPI's validation errors and
+Starlette's HTTP errors into that body, so no malformed request ever gets a bare 500 or a
+differently shaped answer.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from shared.errors import ErrorBody, ErrorCode, ErrorInfo
+
+logger = logging.getLogger(__name__)
+
+_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    409: "conflict_error",
+    413: "invalid_request_error",
+    422: "invalid_request_error",
+    429: "rate_limit_error",
+    503: "service_unavailable",
+    504: "timeout_error",
+}
+
+
+class APIError(Exception):
+    def __init__(
+        self,
+        status: int,
+        code: ErrorCode,
+        message: str,
+        *,
+        param: str | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.param = param
+        self.headers = dict(headers or {})
+
+    def info(self) -> ErrorInfo:
+        return ErrorInfo(
+            message=self.message,
+            type=_TYPES.get(self.status, "server_error"),
+            param=self.param,
+            code=self.code.value,
+        )
+
+
+def error_response(
+    status: int, info: ErrorInfo, headers: Mapping[str, str] | None = None
+) -> JSONResponse:
+    return JSONResponse(
+        ErrorBody(error=info).model_dump(mode="json"), status_code=status, headers=headers
+    )
+
+
+def _param(loc: tuple[object, ...]) -> str | None:
+    parts = [str(p) for p in loc if p not in ("body", "query", "path", "header")]
+    return ".".join(parts) or None
+
+
+async def _api_error(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, APIError)
+    return error_response(exc.status, exc.info(), exc.headers)
+
+
+async def _validation_error(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
+    param = _param(tuple(first.get("loc", ())))
+    # pydantic's "msg" never quotes the input value; the input itself is not echoed back.
+    message = f"{param}: {first['msg']}" if param else str(first["msg"])
+    info = ErrorInfo(
+        message=message,
+        type="invalid_request_error",
+        param=param,
+        code=ErrorCode.INVALID_REQUEST.value,
+    )
+    return error_response(422, info)
+
+
+async def _http_error(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, StarletteHTTPException)
+    code = ErrorCode.NOT_FOUND if exc.status_code == 404 else ErrorCode.INVALID_REQUEST
+    info = ErrorInfo(
+        message=str(exc.detail),
+        type=_TYPES.get(exc.status_code, "invalid_request_error"),
+        param=None,
+        code=code.value,
+    )
+    return error_response(exc.status_code, info, getattr(exc, "headers", None))
+
+
+async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+    logger.error("unhandled %s", type(exc).__name__)
+    info = ErrorInfo(
+        message="Internal error; the operators have the details in the gateway log.",
+        type="server_error",
+        code=ErrorCode.INTERNAL.value,
+    )
+    return error_response(500, info)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(APIError, _api_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(Exception, _unexpected)

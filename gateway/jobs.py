@@ -1,0 +1,151 @@
+"""Submits jobs to workers and follows their events.
+
+``submit`` checks that a live worker serves the model (heartbeats; 503 at once if none),
+subscribes to the job's channel, and only then sends the Celery task by name to the model's
+queue — the gateway never imports the worker. ``follow`` yields the job's events with the
+deadlines that make sure no client waits forever: a job must start before its start deadline
+(plus a grace for the worker to report), and a running job must not stay silent longer than
+the idle timeout.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import anyio
+from celery import Celery
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from gateway.errors import APIError
+from gateway.relay import Event, Relay, RelayUnavailable, Subscription
+from shared.errors import ErrorCode, ErrorInfo
+from shared.keys import Keys
+from shared.protocol import GENERATE_TASK, ErrorEvent, Job
+
+logger = logging.getLogger(__name__)
+
+REPORT_GRACE_S = 5.0
+
+
+def unavailable(message: str) -> APIError:
+    return APIError(503, ErrorCode.REDIS_UNAVAILABLE, message, headers={"Retry-After": "5"})
+
+
+class JobService:
+    def __init__(
+        self,
+        redis: Redis,
+        relay: Relay,
+        celery: Celery,
+        keys: Keys,
+        *,
+        heartbeat_ttl_s: float,
+        idle_timeout_s: float,
+    ) -> None:
+        self._redis = redis
+        self._relay = relay
+        self._celery = celery
+        self._keys = keys
+        self._heartbeat_ttl_s = heartbeat_ttl_s
+        self._idle_timeout_s = idle_timeout_s
+
+    async def live_workers(self, model: str) -> int:
+        now = time.time()
+        return int(
+            await self._redis.zcount(self._keys.workers(model), now - self._heartbeat_ttl_s, "+inf")
+        )
+
+    def _send(self, job: Job, queue: str) -> None:
+        self._celery.send_task(
+            GENERATE_TASK,
+            args=[job.model_dump(mode="json")],
+            queue=queue,
+            task_id=job.job_id,
+            # What Celery logs and shows (e.g. in Flower) instead of the prompt.
+            argsrepr=f"<job {job.job_id}>",
+            kwargsrepr="{}",
+        )
+
+    @contextlib.asynccontextmanager
+    async def submit(self, job: Job, queue: str) -> AsyncIterator[Subscription]:
+        """Enqueue ``job`` with its subscription already live; the subscription ends on exit."""
+        try:
+            if await self.live_workers(job.model) == 0:
+                raise APIError(
+                    503,
+                    ErrorCode.MODEL_UNAVAILABLE,
+                    f"No worker is serving model {job.model!r} right now. Start a worker for "
+                    "it or pick another model (GET /models shows which are available).",
+                    headers={"Retry-After": "10"},
+                )
+            async with self._relay.subscribe(job.job_id) as sub:
+                await anyio.to_thread.run_sync(self._send, job, queue)
+                logger.info("job %s enqueued on %s", job.job_id, queue)
+                yield sub
+        except (RedisError, OSError, TimeoutError) as exc:
+            logger.warning("cannot submit job %s: %s", job.job_id, type(exc).__name__)
+            raise unavailable(
+                "Redis is unreachable; the service cannot take requests now."
+            ) from None
+        except Exception as exc:
+            if type(exc).__module__.startswith("kombu"):
+                logger.warning("cannot submit job %s: %s", job.job_id, type(exc).__name__)
+                raise unavailable("The job queue is unreachable; try again shortly.") from None
+            raise
+
+    async def follow(
+        self, sub: Subscription, job: Job, *, after_seq: int = 0
+    ) -> AsyncIterator[Event]:
+        """The job's events; a synthetic error event ends the stream if the job stalls."""
+        first_timeout = max(0.0, job.start_deadline - time.time()) + REPORT_GRACE_S
+        last = after_seq
+        try:
+            async for event in self._relay.events(
+                sub,
+                after_seq=after_seq,
+                first_timeout_s=first_timeout,
+                idle_timeout_s=self._idle_timeout_s,
+            ):
+                last = event.seq
+                yield event
+        except TimeoutError:
+            started = last > 0
+            logger.warning(
+                "job %s timed out (%s)", job.job_id, "stalled" if started else "never started"
+            )
+            yield _error(
+                job.job_id,
+                last + 1,
+                ErrorCode.WORKER_TIMEOUT,
+                "The worker stopped responding in the middle of this answer."
+                if started
+                else "No worker started this request in time. Try again later.",
+            )
+        except RelayUnavailable:
+            yield _error(
+                job.job_id,
+                last + 1,
+                ErrorCode.REDIS_UNAVAILABLE,
+                "The connection to the job queue was lost; the answer cannot continue.",
+            )
+
+
+def _error(job_id: str, seq: int, code: ErrorCode, message: str) -> ErrorEvent:
+    info = ErrorInfo(message=message, type="server_error", code=code.value)
+    return ErrorEvent(job_id=job_id, seq=seq, error=info)
+
+
+def status_for(code: str) -> int:
+    """HTTP status for a job that failed before a non-stream response was sent."""
+    statuses: dict[str, Any] = {
+        ErrorCode.PROMPT_TOO_LONG.value: 400,
+        ErrorCode.QUEUE_TIMEOUT.value: 503,
+        ErrorCode.REDIS_UNAVAILABLE.value: 503,
+        ErrorCode.WORKER_TIMEOUT.value: 504,
+    }
+    return int(statuses.get(code, 502))

@@ -1,0 +1,1 @@
+"""The seed's chat API: ``POST /medgemma``."""

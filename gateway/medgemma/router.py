@@ -1,0 +1,25 @@
+"""HTTP route of the seed's API. Thin: parse, authorize, hand over to serving."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+from fastapi.responses import JSONResponse
+from sse_starlette import EventSourceResponse
+
+from gateway.deps import PrincipalDep, StateDep, visible_model
+from gateway.medgemma import serving
+from gateway.medgemma.protocol import MedGemmaRequest
+
+router = APIRouter(tags=["medgemma"])
+
+
+@router.post(
+    "/medgemma",
+    summary="Chat with a model (the seed's API); SSE when stream is true",
+    response_model=None,
+)
+async def medgemma(
+    req: MedGemmaRequest, state: StateDep, principal: PrincipalDep
+) -> EventSourceResponse | JSONResponse:
+    entry = visible_model(state, principal, req.model)
+    return await serving.serve(state, principal, entry, req)

@@ -1,0 +1,187 @@
+"""The multiplexed relay: one pub/sub connection carries every job stream of this process.
+
+A reader task owns the connection and routes each message to the subscription of its channel
+(a bounded queue per request); subscribing and unsubscribing are commands on the same
+connection. A request subscribes and waits for Redis's confirmation *before* it enqueues its
+job, and then reads the job's replay log, so no event can be missed (pub/sub alone delivers
+at most once).
+
+Events are de-duplicated and gap-checked by sequence number: if a subscriber's queue
+overflows (a slow client) or the connection drops, the subscription falls back to the replay
+log (``XRANGE log {seq+1}-0 +``), so memory stays bounded and nothing is lost. If Redis goes
+away, every open subscription is told at once and its stream ends with an error event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from redis.asyncio import Redis
+from redis.asyncio.client import PubSub
+from redis.exceptions import RedisError
+
+from shared.keys import Keys
+from shared.protocol import TERMINAL_TYPES, DoneEvent, ErrorEvent, TokenEvent, decode_event
+
+logger = logging.getLogger(__name__)
+
+Event = TokenEvent | DoneEvent | ErrorEvent
+QUEUE_BOUND = 1024
+
+
+class RelayUnavailable(ConnectionError):
+    """The relay lost Redis; the stream cannot go on."""
+
+
+@dataclass(eq=False)
+class Subscription:
+    job_id: str
+    channel: str
+    queue: asyncio.Queue[str | None] = field(default_factory=lambda: asyncio.Queue(QUEUE_BOUND))
+    confirmed: asyncio.Event = field(default_factory=asyncio.Event)
+    overflowed: bool = False
+    broken: bool = False
+
+    def deliver(self, data: str) -> None:
+        try:
+            self.queue.put_nowait(data)
+        except asyncio.QueueFull:
+            self.overflowed = True  # the reader backfills from the log
+
+    def break_(self) -> None:
+        self.broken = True
+        with contextlib.suppress(asyncio.QueueFull):
+            self.queue.put_nowait(None)
+
+
+class Relay:
+    def __init__(self, redis: Redis, keys: Keys) -> None:
+        self._redis = redis
+        self._keys = keys
+        self._pubsub: PubSub = redis.pubsub()
+        self._subs: dict[str, set[Subscription]] = {}
+        self._task: asyncio.Task[None] | None = None
+        self._home = f"{keys.prefix}:relay:home"  # keeps the connection subscribed
+
+    @property
+    def active(self) -> int:
+        return sum(len(s) for s in self._subs.values())
+
+    async def start(self) -> None:
+        await self._pubsub.subscribe(self._home)
+        self._task = asyncio.create_task(self._read(), name="relay-reader")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        for subs in self._subs.values():
+            for sub in subs:
+                sub.break_()
+        with contextlib.suppress(RedisError):
+            await self._pubsub.aclose()
+
+    async def _read(self) -> None:
+        while True:
+            try:
+                msg = await self._pubsub.get_message(timeout=1.0)
+            except asyncio.CancelledError:
+                raise
+            except (RedisError, OSError) as exc:
+                logger.warning("relay lost Redis (%s); ending open streams", type(exc).__name__)
+                for subs in list(self._subs.values()):
+                    for sub in subs:
+                        sub.break_()
+                await asyncio.sleep(0.5)
+                continue
+            if msg is None:
+                continue
+            channel = msg["channel"]
+            subs = self._subs.get(channel)
+            if not subs:
+                continue
+            if msg["type"] == "subscribe":
+                for sub in subs:
+                    sub.confirmed.set()
+            elif msg["type"] == "message":
+                for sub in subs:
+                    sub.deliver(msg["data"])
+
+    @contextlib.asynccontextmanager
+    async def subscribe(
+        self, job_id: str, *, timeout_s: float = 5.0
+    ) -> AsyncIterator[Subscription]:
+        """Subscribe to a job's channel; yields once Redis has confirmed the subscription."""
+        channel = self._keys.job_channel(job_id)
+        sub = Subscription(job_id=job_id, channel=channel)
+        first = channel not in self._subs
+        self._subs.setdefault(channel, set()).add(sub)
+        try:
+            if first:
+                await self._pubsub.subscribe(channel)
+                await asyncio.wait_for(sub.confirmed.wait(), timeout_s)
+            else:
+                sub.confirmed.set()
+            yield sub
+        finally:
+            subs = self._subs.get(channel)
+            if subs is not None:
+                subs.discard(sub)
+                if not subs:
+                    del self._subs[channel]
+                    with contextlib.suppress(RedisError, OSError):
+                        await self._pubsub.unsubscribe(channel)
+
+    async def backfill(self, job_id: str, after_seq: int) -> list[Event]:
+        rows = await self._redis.xrange(self._keys.job_log(job_id), min=f"{after_seq + 1}-0")
+        return [decode_event(fields["e"]) for _id, fields in rows]
+
+    async def events(
+        self,
+        sub: Subscription,
+        *,
+        after_seq: int = 0,
+        first_timeout_s: float,
+        idle_timeout_s: float,
+    ) -> AsyncIterator[Event]:
+        """The job's events after ``after_seq``, in order, without gaps or duplicates.
+
+        Ends after a terminal event. Raises :class:`TimeoutError` when no event comes in time
+        and :class:`RelayUnavailable` when Redis is lost.
+        """
+        last = after_seq
+        pending = await self.backfill(sub.job_id, last)
+        timeout = first_timeout_s if last == 0 else idle_timeout_s
+        while True:
+            for event in pending:
+                if event.seq <= last:
+                    continue
+                last = event.seq
+                yield event
+                if event.type in TERMINAL_TYPES:
+                    return
+                timeout = idle_timeout_s
+            pending = []
+            if sub.broken:
+                raise RelayUnavailable("lost the connection to Redis")
+            try:
+                data = await asyncio.wait_for(sub.queue.get(), timeout)
+            except TimeoutError:
+                # One last look at the log before giving up (covers a dropped subscription).
+                pending = await self.backfill(sub.job_id, last)
+                if pending:
+                    continue
+                raise
+            if data is None:
+                raise RelayUnavailable("lost the connection to Redis")
+            event = decode_event(data)
+            if event.seq > last + 1 or sub.overflowed:
+                sub.overflowed = False
+                pending = await self.backfill(sub.job_id, last)
+            else:
+                pending = [event]

@@ -1,0 +1,1 @@
+"""Small routers: models, health, conversations."""

@@ -1,0 +1,49 @@
+"""Settings of the gateway process (``GATEWAY_*`` plus the common ones)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr
+
+from shared.settings import CommonSettings
+
+
+class GatewaySettings(CommonSettings):
+    gateway_host: str = Field(default="127.0.0.1", description="Address to listen on.")
+    gateway_port: int = Field(default=8000, ge=1, le=65535, description="Port to listen on.")
+    gateway_env: Literal["production", "development"] = Field(
+        default="production",
+        description="'development' (make demo) allows the built-in demo key when no keys are "
+        "configured; 'production' refuses to start without real keys.",
+    )
+    gateway_api_keys: SecretStr | None = Field(
+        default=None,
+        description='API keys as "key:user_id:role,..." (role is user or admin). No default.',
+    )
+    gateway_api_keys_file: Path | None = Field(
+        default=None, description="A file with one key:user_id:role per line (# comments)."
+    )
+    gateway_default_model: str = Field(
+        default="medgemma-4b", description="The model /readyz requires a live worker for."
+    )
+    gateway_queue_timeout_s: float = Field(
+        default=120.0,
+        gt=0,
+        description="How long a job may wait for a worker before it is dropped with an error.",
+    )
+    gateway_idle_timeout_s: float = Field(
+        default=60.0,
+        gt=0,
+        description="Longest silence between two events of a running job before the stream "
+        "ends with a worker_timeout error.",
+    )
+    gateway_max_generation_s: float = Field(
+        default=600.0, gt=0, description="Upper bound on one generation (holds the turn lock)."
+    )
+    gateway_ping_s: float = Field(default=15.0, gt=0, description="SSE keep-alive interval.")
+    gateway_max_body_bytes: int = Field(
+        default=16 * 1024 * 1024, ge=1024, description="Larger request bodies get 413."
+    )
+    gateway_log_level: str = Field(default="INFO", description="Python log level.")

@@ -1,0 +1,60 @@
+"""Every Redis key and channel name the stack uses, in one place.
+
+Layout (``{p}`` is the key prefix, ``mg`` by default):
+
+========================================  ==========  =============================================
+key                                       type        what
+========================================  ==========  =============================================
+``{p}:job:{job_id}:events``               channel     live token events of one job (pub/sub)
+``{p}:job:{job_id}:log``                  stream      the same events, kept for replay (TTL)
+``{p}:job:{job_id}:claim``                string      the worker that runs the job (SET NX, TTL)
+``{p}:workers:{model}``                   zset        worker ids by last heartbeat time
+``{p}:worker:{worker_id}``                string      that worker's last heartbeat (TTL)
+``{p}:conv:{owner}:{conversation_id}``    list        the conversation's messages (JSON, TTL)
+``{p}:conv:{owner}:{conversation_id}:lock``  string   job id of the turn in progress (TTL)
+``{p}:convs:{owner}``                     zset        conversation ids of one owner by last use
+========================================  ==========  =============================================
+
+``owner`` is a hash of the user id, so user ids never appear in key names and a client's
+conversation id cannot collide with another user's.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+
+def owner_tag(user_id: str) -> str:
+    """A stable, opaque tag for a user id, safe to put in a key name."""
+    return hashlib.sha256(user_id.encode()).hexdigest()[:24]
+
+
+class Keys:
+    """Builds key and channel names under one prefix."""
+
+    def __init__(self, prefix: str = "mg") -> None:
+        self.prefix = prefix
+
+    def job_channel(self, job_id: str) -> str:
+        return f"{self.prefix}:job:{job_id}:events"
+
+    def job_log(self, job_id: str) -> str:
+        return f"{self.prefix}:job:{job_id}:log"
+
+    def job_claim(self, job_id: str) -> str:
+        return f"{self.prefix}:job:{job_id}:claim"
+
+    def workers(self, model: str) -> str:
+        return f"{self.prefix}:workers:{model}"
+
+    def worker(self, worker_id: str) -> str:
+        return f"{self.prefix}:worker:{worker_id}"
+
+    def conversation(self, user_id: str, conversation_id: str) -> str:
+        return f"{self.prefix}:conv:{owner_tag(user_id)}:{conversation_id}"
+
+    def conversation_lock(self, user_id: str, conversation_id: str) -> str:
+        return f"{self.conversation(user_id, conversation_id)}:lock"
+
+    def conversations(self, user_id: str) -> str:
+        return f"{self.prefix}:convs:{owner_tag(user_id)}"

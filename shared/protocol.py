@@ -1,0 +1,157 @@
+"""The typed, versioned messages that cross Redis.
+
+* :class:`Job` — what the gateway enqueues (Celery task ``medgemma.generate``, one queue per
+  model). It holds the whole prompt, so a worker needs nothing else to run it.
+* :data:`JobEvent` — what a worker emits for a job: ``token`` (a text delta), ``done`` (finish
+  reason and usage) or ``error`` (code and message). Each carries the job id and a per-job
+  sequence number starting at 1; the gateway uses it as the SSE ``id`` and to drop duplicates
+  when it merges the live channel with the replay log.
+* :class:`WorkerHeartbeat` — what a worker announces every few seconds.
+
+Every message has a version field ``v``. A change that old readers would misread bumps it.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+
+from shared.errors import ErrorInfo
+
+PROTOCOL_VERSION = 1
+GENERATE_TASK = "medgemma.generate"
+
+
+class _Message(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    v: Literal[1] = PROTOCOL_VERSION
+
+
+# --- the job ----------------------------------------------------------------------------------
+
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    type: Literal["text"] = "text"
+    text: str
+
+
+ContentPart = Annotated[TextPart, Field(discriminator="type")]
+
+
+class ChatMessage(BaseModel):
+    """One turn of a conversation as the worker's chat template sees it."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    role: Literal["system", "user", "assistant"]
+    content: list[ContentPart]
+
+    @property
+    def text(self) -> str:
+        return "".join(p.text for p in self.content if isinstance(p, TextPart))
+
+
+class SamplingParams(BaseModel):
+    """How to decode. ``temperature == 0`` means greedy decoding."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    temperature: float = Field(default=0.0, ge=0.0, le=2.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    max_new_tokens: int = Field(default=512, ge=1)
+    seed: int | None = None
+    stop: list[str] = Field(default_factory=list)
+
+
+class ConversationRef(BaseModel):
+    """Where the worker appends the finished turn (the last user message and the answer)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    user_id: str
+    conversation_id: str
+
+
+class Job(_Message):
+    """One generation, enqueued by the gateway and run by exactly one worker."""
+
+    job_id: str = Field(pattern=r"^[A-Za-z0-9_-]{8,64}$")
+    model: str
+    messages: list[ChatMessage] = Field(min_length=1)
+    sampling: SamplingParams = SamplingParams()
+    conversation: ConversationRef | None = None
+    enqueued_at: float = Field(description="Unix time the gateway enqueued the job.")
+    start_deadline: float = Field(
+        description="Unix time after which a worker must not start the job: nobody waits for "
+        "it any more. The worker answers with an error event instead."
+    )
+
+
+# --- events -----------------------------------------------------------------------------------
+
+
+class Usage(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    prompt_tokens: int = Field(ge=0)
+    completion_tokens: int = Field(ge=0)
+    total_tokens: int = Field(ge=0)
+    cost: float = Field(default=0.0, ge=0.0, description="From the registry's billing prices.")
+
+
+class _Event(_Message):
+    job_id: str
+    seq: int = Field(ge=1)
+
+
+class TokenEvent(_Event):
+    type: Literal["token"] = "token"
+    text: str
+
+
+class DoneEvent(_Event):
+    type: Literal["done"] = "done"
+    finish_reason: Literal["stop", "length", "cancelled"]
+    usage: Usage
+    disclaimer: str | None = None
+
+
+class ErrorEvent(_Event):
+    type: Literal["error"] = "error"
+    error: ErrorInfo
+
+
+JobEvent = Annotated[TokenEvent | DoneEvent | ErrorEvent, Field(discriminator="type")]
+TERMINAL_TYPES = frozenset({"done", "error"})
+
+_event_adapter: TypeAdapter[JobEvent] = TypeAdapter(JobEvent)
+
+
+def encode_event(event: TokenEvent | DoneEvent | ErrorEvent) -> str:
+    return event.model_dump_json()
+
+
+def decode_event(raw: str | bytes) -> TokenEvent | DoneEvent | ErrorEvent:
+    return _event_adapter.validate_json(raw)
+
+
+# --- workers ----------------------------------------------------------------------------------
+
+
+class WorkerHeartbeat(_Message):
+    """What a live worker announces (``{p}:worker:{id}``, refreshed every few seconds)."""
+
+    worker_id: str
+    model: str
+    device: str
+    quantization: str
+    jobs_running: int = Field(ge=0)
+    concurrency: int = Field(ge=1)
+    gpu_memory_free_bytes: int | None = None
+    version: str
+    started_at: float
+    sent_at: float

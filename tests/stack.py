@@ -1,0 +1,148 @@
+"""A real stack for integration tests: redis-server, Celery worker processes, uvicorn gateway.
+
+Processes log to files in a temporary folder; tests read them (e.g. to check that no patient
+text is ever logged). Nothing is mocked: the worker loads a tiny random-weight Gemma 3 from
+disk exactly as it would load MedGemma 4B.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+from httpx_sse import ServerSentEvent, connect_sse
+
+from devstack.processes import (
+    Proc,
+    free_port,
+    start_gateway,
+    start_redis,
+    start_worker,
+    wait_ready,
+)
+
+USER_KEY = "test-key-alice"
+OTHER_KEY = "test-key-bob"
+ADMIN_KEY = "test-key-admin"
+API_KEYS = f"{USER_KEY}:alice:user,{OTHER_KEY}:bob:user,{ADMIN_KEY}:ops:admin"
+
+
+def tiny_entry(name: str, path: str, **serving: Any) -> dict[str, Any]:
+    return {
+        "model_name": name,
+        "model_alias": name.replace("-", " ").title(),
+        "description": "tiny random-weight Gemma 3 for tests",
+        "endpoint": "/medgemma",
+        "in_billing": "2",
+        "out_billing": "10",
+        "capabilities": {"stream": True, "image": True, "inference": True, "search": False,
+                         "deep_research": False, "mcp": False},
+        "controls": {"temperature": True, "reason": False, "verbosity": True,
+                     "system_message": True},
+        "admin": False,
+        "serving": {"path": path, "quantization": "none", "dtype": "float32",
+                    "context_length": 512, "max_new_tokens": 24, **serving},
+    }
+
+
+def write_registry(dest: Path, tiny_dir: Path) -> Path:
+    models = [
+        tiny_entry("tiny-gemma", str(tiny_dir)),
+        tiny_entry("ghost-model", str(tiny_dir)),  # no worker ever serves it
+        {**tiny_entry("secret-model", str(tiny_dir)), "admin": True},
+    ]
+    models.append(json.loads((Path(__file__).parent.parent / "models.json").read_text())[1])
+    dest.write_text(json.dumps(models, indent=2))
+    return dest
+
+
+@dataclass
+class Stack:
+    workdir: Path
+    redis_url: str
+    port: int
+    env: dict[str, str]
+    procs: list[Proc] = field(default_factory=list)
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def client(self, key: str | None = USER_KEY, timeout: float = 60) -> httpx.Client:
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        return httpx.Client(base_url=self.base_url, headers=headers, timeout=timeout)
+
+    def add_worker(self, model: str = "tiny-gemma", **env: str) -> Proc:
+        n = sum(p.name == "worker" for p in self.procs)
+        log = self.workdir / f"worker-{model}-{n}.log"
+        proc = start_worker({**self.env, "WORKER_MODEL": model, **env}, log)
+        self.procs.append(proc)
+        wait_ready(self.port, model, 180, proc)
+        return proc
+
+    def logs(self) -> str:
+        return "\n".join(p.log_text() for p in self.procs)
+
+    def stop(self) -> None:
+        for p in reversed(self.procs):
+            p.stop()
+
+
+def start_stack(workdir: Path, tiny_dir: Path, *, workers: int = 1) -> Stack:
+    workdir.mkdir(parents=True, exist_ok=True)
+    registry = write_registry(workdir / "models.json", tiny_dir)
+    procs: list[Proc] = []
+    redis_url = os.environ.get("TEST_REDIS_URL")
+    if not redis_url:
+        rport = free_port()
+        procs.append(start_redis(rport, workdir / "redis", workdir / "redis.log"))
+        redis_url = f"redis://127.0.0.1:{rport}/0"
+    env = {
+        "REDIS_URL": redis_url,
+        "MODELS_FILE": str(registry),
+        "GATEWAY_API_KEYS": API_KEYS,
+        "GATEWAY_DEFAULT_MODEL": "tiny-gemma",
+        "GATEWAY_QUEUE_TIMEOUT_S": "30",
+        "HEARTBEAT_INTERVAL_S": "0.5",
+        "HEARTBEAT_TTL_S": "2",
+        "WORKER_DEVICE": "cpu",
+        "HF_HUB_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
+    port = free_port()
+    stack = Stack(workdir=workdir, redis_url=redis_url, port=port, env=env, procs=procs)
+    try:
+        procs.append(start_gateway(env, port, workdir / "gateway.log"))
+        for _ in range(workers):
+            stack.add_worker()
+    except BaseException:
+        stack.stop()
+        raise
+    return stack
+
+
+def sse_events(
+    client: httpx.Client, path: str, body: dict[str, Any]
+) -> tuple[httpx.Response, list[ServerSentEvent]]:
+    """POST and collect every SSE event until the server closes the stream."""
+    with connect_sse(client, "POST", path, json=body) as source:
+        events = [e for e in source.iter_sse()]
+        return source.response, events
+
+
+def ask(text: str, model: str = "tiny-gemma", **fields: Any) -> dict[str, Any]:
+    return {"model": model, "user_message": [{"type": "text", "text": text}],
+            "temperature": 0, **fields}
+
+
+def tokens(events: list[ServerSentEvent]) -> str:
+    return "".join(json.loads(e.data)["text"] for e in events if e.event == "token")
+
+
+def iter_stack_logs(stack: Stack) -> Iterator[str]:
+    yield from stack.logs().splitlines()

@@ -1,0 +1,1 @@
+"""The GPU worker: loads a registry model and runs generation jobs from its Celery queue."""

@@ -1,0 +1,154 @@
+"""``python -m worker``: load one model, then consume its Celery queue.
+
+The model is loaded in this process before Celery starts, once, and the Celery pool is
+``threads`` (no fork, so a CUDA context stays valid; see ../shared/NOTES.md). The worker only
+announces itself (heartbeat) once Celery is ready to consume, so the gateway never reports a
+model as available while its weights are still loading. Run it with ``exec`` in containers so
+SIGTERM reaches Celery, which then finishes running jobs before it exits.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any
+
+from celery import signals
+from redis import Redis
+
+from shared.keys import Keys
+from shared.logs import configure_logging
+from shared.protocol import WorkerHeartbeat
+from shared.registry import RegistryError, load_registry
+from worker.celery_app import create_celery
+from worker.engine import Engine
+from worker.heartbeat import Heartbeat
+from worker.loader import ModelLoadError, hf_token_from_env, load_model
+from worker.runner import JobRunner, RunnerConfig
+from worker.settings import WorkerSettings
+
+logger = logging.getLogger("worker")
+
+
+def _version() -> str:
+    try:
+        return version("medgemma-serve")
+    except PackageNotFoundError:
+        return "dev"
+
+
+def _gpu_free_bytes(device: str) -> int | None:
+    if not device.startswith("cuda"):
+        return None
+    import torch
+
+    free, _total = torch.cuda.mem_get_info(torch.device(device))
+    return int(free)
+
+
+def main() -> int:
+    settings = WorkerSettings()
+    configure_logging(settings.worker_log_level)
+    try:
+        registry = load_registry(settings.models_file)
+    except RegistryError as exc:
+        logger.error("%s", exc)
+        return 2
+    entry = registry.get(settings.worker_model)
+    if entry is None:
+        names = ", ".join(m.model_name for m in registry.models)
+        logger.error(
+            "WORKER_MODEL=%r is not in %s (known: %s)",
+            settings.worker_model,
+            registry.source,
+            names,
+        )
+        return 2
+    try:
+        loaded = load_model(
+            entry,
+            registry,
+            device=settings.worker_device,
+            cpu_quantization=settings.worker_cpu_quantization,
+            hf_token=hf_token_from_env(),
+        )
+    except ModelLoadError as exc:
+        logger.error("cannot load %s [%s]: %s", entry.model_name, exc.code, exc)
+        return 3
+    engine = Engine(loaded, context_length=entry.serving.context_length)
+    redis = Redis.from_url(settings.redis_url, decode_responses=True, health_check_interval=30)
+    keys = Keys(settings.key_prefix)
+    runner = JobRunner(
+        redis,
+        keys,
+        engine,
+        entry,
+        RunnerConfig(
+            worker_id=settings.worker_id,
+            job_ttl_s=settings.job_ttl_s,
+            conversation_ttl_s=settings.conversation_ttl_s,
+            claim_ttl_s=settings.worker_claim_ttl_s,
+        ),
+    )
+    started = time.time()
+
+    def snapshot() -> WorkerHeartbeat:
+        return WorkerHeartbeat(
+            worker_id=settings.worker_id,
+            model=entry.model_name,
+            device=loaded.device,
+            quantization=loaded.quantization,
+            jobs_running=runner.jobs_running,
+            concurrency=settings.worker_concurrency,
+            gpu_memory_free_bytes=_gpu_free_bytes(loaded.device),
+            version=_version(),
+            started_at=started,
+            sent_at=time.time(),
+        )
+
+    heartbeat = Heartbeat(
+        redis,
+        keys,
+        snapshot=snapshot,
+        interval_s=settings.heartbeat_interval_s,
+        ttl_s=settings.heartbeat_ttl_s,
+    )
+
+    def on_ready(**_: Any) -> None:
+        heartbeat.start()
+        logger.info(
+            "worker %s serving %s on queue %s", settings.worker_id, entry.model_name, entry.queue
+        )
+
+    def on_shutdown(**_: Any) -> None:
+        heartbeat.stop()
+
+    signals.worker_ready.connect(on_ready, weak=False)
+    signals.worker_shutdown.connect(on_shutdown, weak=False)
+
+    app = create_celery(settings.redis_url, runner)
+    app.worker_main(
+        [
+            "worker",
+            "--queues",
+            entry.queue,
+            "--pool",
+            "threads",
+            "--concurrency",
+            str(settings.worker_concurrency),
+            "--hostname",
+            f"{entry.model_name}@{settings.worker_id}",
+            "--without-gossip",
+            "--without-mingle",
+            "--without-heartbeat",
+            "--loglevel",
+            settings.worker_log_level,
+        ]
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

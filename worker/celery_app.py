@@ -1,0 +1,40 @@
+"""The worker's Celery app: one thin task that hands a typed :class:`Job` to the runner.
+
+The app is built by :func:`create_celery` with the runner it calls, so nothing is created at
+import time and the model is loaded once per process before the first task (see
+``worker/__main__.py``). The task takes the job as a pydantic model (``pydantic=True``):
+Celery validates the JSON into :class:`shared.protocol.Job`.
+
+A job that fails validation is logged by its error count only (pydantic's messages would
+quote the prompt).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from celery import Celery
+from pydantic import ValidationError
+
+from shared.celery_config import celery_options
+from shared.protocol import GENERATE_TASK, Job
+from worker.runner import JobRunner
+
+logger = logging.getLogger(__name__)
+
+
+def create_celery(redis_url: str, runner: JobRunner) -> Celery:
+    app = Celery("medgemma-worker")
+    app.conf.update(celery_options(redis_url))
+
+    @app.task(name=GENERATE_TASK, ignore_result=True)  # type: ignore[untyped-decorator]
+    def generate(payload: dict[str, Any]) -> None:
+        try:
+            job = Job.model_validate(payload)
+        except ValidationError as exc:
+            logger.error("rejected a malformed job: %d validation errors", exc.error_count())
+            return
+        runner.run(job)
+
+    return app

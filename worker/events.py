@@ -1,0 +1,76 @@
+"""Publishes a job's events: to its replay log (a Redis Stream) and its live channel.
+
+Each event goes out in one MULTI/EXEC round trip: ``XADD`` to ``{p}:job:{id}:log`` with the
+stream id ``{seq}-0`` (so a reader resumes with ``XRANGE log {seq+1}-0 +``), ``EXPIRE`` on the
+log (a TTL, never MAXLEN: trimming would break resume cursors), then ``PUBLISH`` on the live
+channel. Because the log is written before the publish, a reader that subscribes first and
+then reads the log can never miss an event.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Literal
+
+from redis import Redis
+
+from shared.errors import ErrorCode, ErrorInfo
+from shared.keys import Keys
+from shared.protocol import DoneEvent, ErrorEvent, TokenEvent, Usage, encode_event
+
+if TYPE_CHECKING:
+    from redis.client import Pipeline
+
+Event = TokenEvent | DoneEvent | ErrorEvent
+PipelineHook = Callable[["Pipeline[str]"], None]
+
+
+class EventPublisher:
+    """Numbers and publishes the events of one job."""
+
+    def __init__(self, redis: Redis, keys: Keys, job_id: str, *, ttl_s: int) -> None:
+        self._redis = redis
+        self._keys = keys
+        self.job_id = job_id
+        self._ttl_s = ttl_s
+        self.seq = 0
+
+    def _next(self) -> int:
+        self.seq += 1
+        return self.seq
+
+    def emit(self, event: Event, *, also: PipelineHook | None = None) -> None:
+        """Log and publish ``event``; ``also`` adds commands to the same transaction."""
+        payload = encode_event(event)
+        log = self._keys.job_log(self.job_id)
+        pipe = self._redis.pipeline(transaction=True)
+        pipe.xadd(log, {"e": payload}, id=f"{event.seq}-0")
+        pipe.expire(log, self._ttl_s)
+        if also is not None:
+            also(pipe)
+        pipe.publish(self._keys.job_channel(self.job_id), payload)
+        pipe.execute()
+
+    def token(self, text: str) -> None:
+        self.emit(TokenEvent(job_id=self.job_id, seq=self._next(), text=text))
+
+    def done(
+        self,
+        finish_reason: Literal["stop", "length", "cancelled"],
+        usage: Usage,
+        *,
+        disclaimer: str | None,
+        also: PipelineHook | None = None,
+    ) -> None:
+        event = DoneEvent(
+            job_id=self.job_id,
+            seq=self._next(),
+            finish_reason=finish_reason,
+            usage=usage,
+            disclaimer=disclaimer,
+        )
+        self.emit(event, also=also)
+
+    def error(self, code: ErrorCode, message: str, *, type_: str = "server_error") -> None:
+        info = ErrorInfo(message=message, type=type_, code=code.value)
+        self.emit(ErrorEvent(job_id=self.job_id, seq=self._next(), error=info))

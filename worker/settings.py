@@ -1,0 +1,41 @@
+"""Settings of a worker process (environment variables ``WORKER_*`` plus the common ones)."""
+
+from __future__ import annotations
+
+import os
+import socket
+from typing import Literal
+
+from pydantic import Field
+
+from shared.settings import CommonSettings
+
+
+def _default_worker_id() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+class WorkerSettings(CommonSettings):
+    worker_model: str = Field(
+        default="medgemma-4b", description="The models.json entry this worker serves."
+    )
+    worker_device: Literal["auto", "cuda", "cpu"] = Field(
+        default="auto", description="auto picks the first CUDA GPU, else the CPU."
+    )
+    worker_concurrency: int = Field(
+        default=1, ge=1, le=64, description="Jobs one worker runs at once."
+    )
+    worker_cpu_quantization: Literal["none", "registry"] = Field(
+        default="none",
+        description="On a CPU, 'none' runs unquantized (faster here, see docs/BENCHMARKS.md); "
+        "'registry' applies the registry's 8bit/4bit as on a GPU.",
+    )
+    worker_id: str = Field(
+        default_factory=_default_worker_id, description="Unique name of this worker."
+    )
+    worker_claim_ttl_s: int = Field(
+        default=3600,
+        ge=10,
+        description="How long a worker's claim on a job lasts (no other worker may run it).",
+    )
+    worker_log_level: str = Field(default="INFO", description="Python log level.")
