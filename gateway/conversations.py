@@ -9,6 +9,8 @@ finished turns (see ``worker/conversation.py``); the gateway reads, lists and de
 
 from __future__ import annotations
 
+from typing import cast
+
 from pydantic import BaseModel
 from redis.asyncio import Redis
 
@@ -47,7 +49,9 @@ class ConversationStore:
 
     async def list(self, user_id: str) -> list[ConversationSummary]:
         index = self._keys.conversations(user_id)
-        rows = await self._redis.zrevrange(index, 0, -1, withscores=True)
+        rows = cast(
+            list[tuple[str, float]], await self._redis.zrevrange(index, 0, -1, withscores=True)
+        )
         pipe = self._redis.pipeline(transaction=False)
         for cid, _score in rows:
             pipe.llen(self._keys.conversation(user_id, cid))

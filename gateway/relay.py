@@ -19,6 +19,7 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from typing import cast
 
 from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
@@ -84,7 +85,7 @@ class Relay:
             for sub in subs:
                 sub.break_()
         with contextlib.suppress(RedisError):
-            await self._pubsub.aclose()
+            await self._pubsub.aclose()  # type: ignore[no-untyped-call]
 
     async def _read(self) -> None:
         while True:
@@ -102,14 +103,14 @@ class Relay:
             if msg is None:
                 continue
             channel = msg["channel"]
-            subs = self._subs.get(channel)
-            if not subs:
+            targets = self._subs.get(channel)
+            if not targets:
                 continue
             if msg["type"] == "subscribe":
-                for sub in subs:
+                for sub in targets:
                     sub.confirmed.set()
             elif msg["type"] == "message":
-                for sub in subs:
+                for sub in targets:
                     sub.deliver(msg["data"])
 
     @contextlib.asynccontextmanager
@@ -129,16 +130,19 @@ class Relay:
                 sub.confirmed.set()
             yield sub
         finally:
-            subs = self._subs.get(channel)
-            if subs is not None:
-                subs.discard(sub)
-                if not subs:
+            remaining = self._subs.get(channel)
+            if remaining is not None:
+                remaining.discard(sub)
+                if not remaining:
                     del self._subs[channel]
                     with contextlib.suppress(RedisError, OSError):
                         await self._pubsub.unsubscribe(channel)
 
     async def backfill(self, job_id: str, after_seq: int) -> list[Event]:
-        rows = await self._redis.xrange(self._keys.job_log(job_id), min=f"{after_seq + 1}-0")
+        rows = cast(
+            list[tuple[str, dict[str, str]]],
+            await self._redis.xrange(self._keys.job_log(job_id), min=f"{after_seq + 1}-0"),
+        )
         return [decode_event(fields["e"]) for _id, fields in rows]
 
     async def events(

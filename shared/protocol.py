@@ -13,13 +13,13 @@ Every message has a version field ``v``. A change that old readers would misread
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
 from shared.errors import ErrorInfo
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION: Final = 1
 GENERATE_TASK = "medgemma.generate"
 
 

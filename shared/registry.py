@@ -88,6 +88,11 @@ class Serving(BaseModel):
         default=None, description="Celery queue; defaults to the model's name."
     )
     max_new_tokens: int = Field(default=512, ge=1)
+    default_system_message: str | None = Field(
+        default=None,
+        description="System prompt used when a request sends none (the verbosity instruction "
+        "is appended to it). Small models derail on a bare one-line system prompt.",
+    )
 
     @model_validator(mode="after")
     def _one_source(self) -> Serving:

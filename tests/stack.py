@@ -40,13 +40,29 @@ def tiny_entry(name: str, path: str, **serving: Any) -> dict[str, Any]:
         "endpoint": "/medgemma",
         "in_billing": "2",
         "out_billing": "10",
-        "capabilities": {"stream": True, "image": True, "inference": True, "search": False,
-                         "deep_research": False, "mcp": False},
-        "controls": {"temperature": True, "reason": False, "verbosity": True,
-                     "system_message": True},
+        "capabilities": {
+            "stream": True,
+            "image": True,
+            "inference": True,
+            "search": False,
+            "deep_research": False,
+            "mcp": False,
+        },
+        "controls": {
+            "temperature": True,
+            "reason": False,
+            "verbosity": True,
+            "system_message": True,
+        },
         "admin": False,
-        "serving": {"path": path, "quantization": "none", "dtype": "float32",
-                    "context_length": 512, "max_new_tokens": 24, **serving},
+        "serving": {
+            "path": path,
+            "quantization": "none",
+            "dtype": "float32",
+            "context_length": 512,
+            "max_new_tokens": 24,
+            **serving,
+        },
     }
 
 
@@ -136,8 +152,12 @@ def sse_events(
 
 
 def ask(text: str, model: str = "tiny-gemma", **fields: Any) -> dict[str, Any]:
-    return {"model": model, "user_message": [{"type": "text", "text": text}],
-            "temperature": 0, **fields}
+    return {
+        "model": model,
+        "user_message": [{"type": "text", "text": text}],
+        "temperature": 0,
+        **fields,
+    }
 
 
 def tokens(events: list[ServerSentEvent]) -> str:

@@ -56,8 +56,9 @@ def test_second_turn_carries_the_first(stack: Stack) -> None:
     with stack.client() as c:
         first = c.post("/medgemma", json={**ask("My patient has a fever."), "stream": False})
         cid = first.json()["conversation_id"]
-        _, events = sse_events(c, "/medgemma", {**ask("What should I check next?"),
-                                                "conversation_id": cid})
+        _, events = sse_events(
+            c, "/medgemma", {**ask("What should I check next?"), "conversation_id": cid}
+        )
         conv = c.get(f"/conversations/{cid}").json()
     assert [m["role"] for m in conv["messages"]] == ["user", "assistant", "user", "assistant"]
     assert conv["messages"][0]["content"] == "My patient has a fever."
@@ -69,8 +70,9 @@ def test_second_turn_carries_the_first(stack: Stack) -> None:
 
 def test_concurrent_turns_on_one_conversation_do_not_interleave(stack: Stack) -> None:
     body = {**ask("Two at once?"), "conversation_id": "busy-conv-1", "stream": False}
-    with httpx.Client(base_url=stack.base_url, timeout=60,
-                      headers={"Authorization": "Bearer test-key-alice"}) as c:
+    with httpx.Client(
+        base_url=stack.base_url, timeout=60, headers={"Authorization": "Bearer test-key-alice"}
+    ) as c:
         import concurrent.futures as cf
 
         with cf.ThreadPoolExecutor(4) as pool:
@@ -103,8 +105,17 @@ def test_models_lists_availability_and_hides_admin_models(stack: Stack) -> None:
     assert models["ghost-model"]["available"] is False
     assert "secret-model" not in models
     assert "serving" not in models["tiny-gemma"]
-    seed_fields = {"model_name", "model_alias", "description", "endpoint", "in_billing",
-                   "out_billing", "capabilities", "controls", "admin"}
+    seed_fields = {
+        "model_name",
+        "model_alias",
+        "description",
+        "endpoint",
+        "in_billing",
+        "out_billing",
+        "capabilities",
+        "controls",
+        "admin",
+    }
     assert seed_fields <= set(models["tiny-gemma"])
     with stack.client("test-key-admin") as c:
         assert "secret-model" in {m["model_name"] for m in c.get("/models").json()}
@@ -131,7 +142,8 @@ def test_requests_need_a_valid_key(stack: Stack) -> None:
 def test_other_users_cannot_read_a_conversation(stack: Stack) -> None:
     with stack.client() as c:
         cid = c.post("/medgemma", json={**ask("private"), "stream": False}).json()[
-            "conversation_id"]
+            "conversation_id"
+        ]
     with stack.client(OTHER_KEY) as bob:
         assert bob.get(f"/conversations/{cid}").status_code == 404
         assert bob.delete(f"/conversations/{cid}").status_code == 404
@@ -169,8 +181,10 @@ def test_what_the_model_lacks_is_refused_by_name(
         ({"user_message": [{"type": "text", "text": "hi"}]}, "model"),
         ({"model": "tiny-gemma"}, "user_message"),
         ({"model": "tiny-gemma", "user_message": []}, "user_message"),
-        ({"model": "tiny-gemma", "user_message": [{"type": "video", "text": "x"}]},
-         "user_message.0"),
+        (
+            {"model": "tiny-gemma", "user_message": [{"type": "video", "text": "x"}]},
+            "user_message.0",
+        ),
         ({"model": "tiny-gemma", "user_message": "hi"}, "user_message"),
         ({**ask("hi"), "temperature": 9}, "temperature"),
         ({**ask("hi"), "verbosity": 7}, "verbosity"),
@@ -194,17 +208,22 @@ def test_broken_json_and_huge_bodies_are_clear_errors(stack: Stack) -> None:
     with stack.client() as c:
         r = c.post("/medgemma", content=b"{not json", headers={"content-type": "application/json"})
         assert r.status_code == 422 and r.json()["error"]["code"] == "invalid_request"
-        big = c.post("/medgemma", content=b"x" * (17 * 1024 * 1024),
-                     headers={"content-type": "application/json"})
+        big = c.post(
+            "/medgemma",
+            content=b"x" * (17 * 1024 * 1024),
+            headers={"content-type": "application/json"},
+        )
         assert big.status_code == 413 and big.json()["error"]["code"] == "body_too_large"
 
 
 def test_verbosity_changes_the_answer_budget(stack: Stack) -> None:
     with stack.client() as c:
-        terse = c.post("/medgemma", json={**ask("Describe asthma."), "stream": False,
-                                           "verbosity": 0}).json()
-        full = c.post("/medgemma", json={**ask("Describe asthma."), "stream": False,
-                                          "verbosity": 3}).json()
+        terse = c.post(
+            "/medgemma", json={**ask("Describe asthma."), "stream": False, "verbosity": 0}
+        ).json()
+        full = c.post(
+            "/medgemma", json={**ask("Describe asthma."), "stream": False, "verbosity": 3}
+        ).json()
     # tiny-gemma's max_new_tokens is 24: verbosity 0 allows max(16, 6) tokens, 3 allows 48.
     assert terse["usage"]["completion_tokens"] <= 16
     if full["finish_reason"] == "length":

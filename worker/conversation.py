@@ -34,7 +34,7 @@ class ConversationWriter:
         self._release = redis.register_script(_RELEASE)
 
     def append_turn(
-        self, pipe: Pipeline[str], ref: ConversationRef, user: ChatMessage, answer: str
+        self, pipe: Pipeline, ref: ConversationRef, user: ChatMessage, answer: str
     ) -> None:
         """Queue the commands that store one finished turn on ``pipe``."""
         key = self._keys.conversation(ref.user_id, ref.conversation_id)

@@ -130,7 +130,7 @@ class _DeltaStreamer(BaseStreamer):
         head = self.tokenizer.decode(
             self.ids[self.prefix_offset : self.read_offset], skip_special_tokens=True
         )
-        full = self.tokenizer.decode(self.ids[self.prefix_offset :], skip_special_tokens=True)
+        full: str = self.tokenizer.decode(self.ids[self.prefix_offset :], skip_special_tokens=True)
         if len(full) > len(head) and not full.endswith("\ufffd"):
             self.prefix_offset = self.read_offset
             self.read_offset = len(self.ids)
@@ -207,7 +207,7 @@ class Engine:
         chat = self._template_messages(messages)
         templater = self.loaded.processor if self.multimodal else self.loaded.tokenizer
         assert templater is not None
-        enc = templater.apply_chat_template(
+        enc: Any = templater.apply_chat_template(
             chat,
             add_generation_prompt=True,
             tokenize=True,
@@ -283,7 +283,8 @@ class Engine:
                 torch.manual_seed(sampling.seed)
             started = time.perf_counter()
             with torch.inference_mode():
-                out = self.loaded.model.generate(**inputs, **kwargs)
+                model: Any = self.loaded.model
+                out = model.generate(**inputs, **kwargs)
         new_ids = out[0, prompt.prompt_tokens :].tolist()
         completion = len(new_ids)
         if cancelled.is_set():

@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from redis.client import Pipeline
 
 Event = TokenEvent | DoneEvent | ErrorEvent
-PipelineHook = Callable[["Pipeline[str]"], None]
+PipelineHook = Callable[["Pipeline"], None]
 
 
 class EventPublisher:

@@ -9,7 +9,7 @@ How the seed's controls change generation:
   ``max_new_tokens`` and adds one instruction to the system prompt (0: "one or two
   sentences", 1: "brief", 2: nothing, 3: "detailed, step by step").
 * ``system_message``: becomes the system turn (models whose ``system_message`` control is off
-  refuse it).
+  refuse it). Without one, the model's ``serving.default_system_message`` is used.
 * ``reason`` > 0 needs the ``reason`` control; ``search``, ``deep_research``, ``mcp`` need the
   capability of that name; ``inference: true`` needs ``inference``; ``dan`` is never
   supported. Each refusal is a 400 that names the field.
@@ -134,8 +134,9 @@ def sampling_for(req: MedGemmaRequest, entry: ModelEntry) -> tuple[SamplingParam
     return params, _VERBOSITY_HINT[verbosity]
 
 
-def _system(req: MedGemmaRequest, hint: str) -> str | None:
-    text = "\n\n".join(p for p in (req.system_message or "", hint) if p)
+def _system(req: MedGemmaRequest, entry: ModelEntry, hint: str) -> str | None:
+    base = req.system_message or entry.serving.default_system_message or ""
+    text = "\n\n".join(p for p in (base, hint) if p)
     return text or None
 
 
@@ -172,7 +173,7 @@ async def serve(
             principal,
             entry,
             new=new,
-            system=_system(req, hint),
+            system=_system(req, entry, hint),
             sampling=sampling,
             conversation_id=cid,
         )

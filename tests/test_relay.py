@@ -1,0 +1,141 @@
+"""The relay against a real redis-server: no first event is lost, resume is exact, a slow
+reader falls back to the log, and every stream shares one pub/sub connection."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import anyio
+import pytest
+from redis import Redis
+from redis.asyncio import Redis as AsyncRedis
+
+from devstack.processes import Proc, free_port, start_redis
+from gateway import relay as relay_module
+from gateway.relay import Relay
+from shared.keys import Keys
+from shared.protocol import Usage
+from worker.events import EventPublisher
+
+pytestmark = pytest.mark.integration
+KEYS = Keys("t")
+
+
+@pytest.fixture(scope="module")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    port = free_port()
+    proc: Proc = start_redis(port, Path(tmp_path_factory.mktemp("relay-redis")))
+    yield f"redis://127.0.0.1:{port}/0"
+    proc.stop()
+
+
+def publish(url: str, job_id: str, texts: list[str], *, done: bool = True) -> None:
+    pub = EventPublisher(Redis.from_url(url, decode_responses=True), KEYS, job_id, ttl_s=60)
+    for t in texts:
+        pub.token(t)
+    if done:
+        pub.done(
+            "stop",
+            Usage(prompt_tokens=1, completion_tokens=len(texts), total_tokens=1 + len(texts)),
+            disclaimer=None,
+        )
+
+
+async def collect(
+    relay: Relay,
+    job_id: str,
+    *,
+    publish_first: list[str] | None = None,
+    url: str = "",
+    after: int = 0,
+) -> list[tuple[int, str]]:
+    out: list[tuple[int, str]] = []
+    async with relay.subscribe(job_id) as sub:
+        if publish_first is not None:
+            # The "worker" answers the instant the subscription exists, before anyone reads.
+            publish(url, job_id, publish_first)
+        async for ev in relay.events(sub, after_seq=after, first_timeout_s=5, idle_timeout_s=5):
+            out.append((ev.seq, getattr(ev, "text", ev.type)))
+    return out
+
+
+def run_with_relay(url: str, fn):  # type: ignore[no-untyped-def]
+    async def main():  # type: ignore[no-untyped-def]
+        redis = AsyncRedis.from_url(url, decode_responses=True)
+        relay = Relay(redis, KEYS)
+        await relay.start()
+        try:
+            return await fn(relay, redis)
+        finally:
+            await relay.stop()
+            await redis.aclose()
+
+    return anyio.run(main)
+
+
+def test_first_events_published_immediately_are_not_lost(redis_url: str) -> None:
+    got = run_with_relay(
+        redis_url,
+        lambda relay, _r: collect(
+            relay, "job-immediate", publish_first=["a", "b", "c"], url=redis_url
+        ),
+    )
+    assert got == [(1, "a"), (2, "b"), (3, "c"), (4, "done")]
+
+
+def test_events_published_before_subscribing_come_from_the_log(redis_url: str) -> None:
+    publish(redis_url, "job-early", ["x", "y"])
+    got = run_with_relay(redis_url, lambda relay, _r: collect(relay, "job-early"))
+    assert got == [(1, "x"), (2, "y"), (3, "done")]
+
+
+def test_resume_after_an_event_id_returns_exactly_the_rest(redis_url: str) -> None:
+    publish(redis_url, "job-resume", ["1", "2", "3", "4"])
+    got = run_with_relay(redis_url, lambda relay, _r: collect(relay, "job-resume", after=2))
+    assert got == [(3, "3"), (4, "4"), (5, "done")]
+
+
+def test_a_reader_whose_queue_overflows_loses_nothing(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(relay_module, "QUEUE_BOUND", 4)
+    texts = [f"t{i}" for i in range(50)]
+    got = run_with_relay(
+        redis_url, lambda relay, _r: collect(relay, "job-flood", publish_first=texts, url=redis_url)
+    )
+    assert [s for s, _ in got] == list(range(1, 52))
+    assert [t for _, t in got[:-1]] == texts
+
+
+def test_silence_ends_in_a_timeout(redis_url: str) -> None:
+    async def wait(relay: Relay, _r: AsyncRedis) -> None:
+        async with relay.subscribe("job-silent") as sub:
+            async for _ in relay.events(sub, first_timeout_s=0.3, idle_timeout_s=0.3):
+                pass
+
+    with pytest.raises(TimeoutError):
+        run_with_relay(redis_url, wait)
+
+
+def test_many_streams_share_one_pubsub_connection(redis_url: str) -> None:
+    async def many(relay: Relay, redis: AsyncRedis) -> tuple[int, list[int]]:
+        import contextlib
+
+        async with contextlib.AsyncExitStack() as stack:
+            subs = [
+                await stack.enter_async_context(relay.subscribe(f"job-many-{i}")) for i in range(50)
+            ]
+            clients = await redis.client_list()
+            pubsub_conns = sum(1 for c in clients if int(c.get("sub", 0)) > 0)
+            for i in range(50):
+                publish(redis_url, f"job-many-{i}", [str(i)])
+            lens = []
+            for sub in subs:
+                evs = [e async for e in relay.events(sub, first_timeout_s=5, idle_timeout_s=5)]
+                lens.append(len(evs))
+        return pubsub_conns, lens
+
+    conns, lens = run_with_relay(redis_url, many)
+    assert conns == 1
+    assert lens == [2] * 50
