@@ -5,8 +5,8 @@ MedGemma weights are gated, so tests and the local demo need a stand-in. :func:`
 writes a folder that uses the *same classes* as ``google/medgemma-4b-it``
 (``Gemma3ForConditionalGeneration`` + ``Gemma3Processor``, or ``Gemma3ForCausalLM`` + tokenizer
 for the text-only variant), so a worker exercises the real loading, chat-template, image-expansion
-and generation code paths; only the sizes differ (~150k parameters, a 32 px image split into 16
-patches and pooled into ``mm_tokens_per_image=4`` soft tokens).
+and generation code paths; only the sizes differ (~190k parameters multimodal, ~140k text-only;
+a 32 px image split into 16 patches and pooled into ``mm_tokens_per_image=4`` soft tokens).
 
 Choices that are not obvious:
 
@@ -15,7 +15,9 @@ Choices that are not obvious:
   Gemma's ids for ``<pad>``/``<eos>``/``<bos>`` (0/1/2); the turn and image markers follow (3..7),
   which is why ``image_token_index`` is 7 here and 262144 in the real model. A ``<bos>`` is
   prepended by the post-processor, as Gemma's tokenizer does; the chat template also writes
-  ``bos_token`` and ``apply_chat_template`` tokenizes without special tokens, so there is exactly one.
+  ``bos_token`` and ``apply_chat_template`` tokenizes without special tokens, so a chat prompt
+  has exactly one. (As with the real model, passing an already-templated string to the
+  processor *with* special tokens gives two.)
 * ``Gemma3Processor`` reads ``boi_token``/``eoi_token``/``image_token`` off the tokenizer, so they
   are given as named ``extra_special_tokens``. The chat template is Gemma 3's own: a
   ``{"type": "image"}`` part becomes ``<start_of_image>``, which the processor expands into
@@ -23,9 +25,13 @@ Choices that are not obvious:
 * The generation config copies MedGemma's: it stops on ``<eos>`` *and* ``<end_of_turn>`` and
   samples by default (``do_sample=True, top_k=64, top_p=0.95``). Callers that want greedy output
   must say so, exactly as with the real model.
-* Weights are saved in float32 (the real ones are bfloat16): CPU tests run faster and
-  bitsandbytes' CPU paths are happiest with it. Pass ``dtype=`` when loading to test bfloat16.
+* Weights are saved in float32 (the real ones are bfloat16): float32 is exact and fast on any
+  CPU, bfloat16 is slow on CPUs without native support. Pass ``dtype=`` when loading to test it.
 * The model vocabulary is exactly the tokenizer's size (the real model pads 262145 to 262208).
+* Every linear layer is at least 64 wide with widths divisible by 32, because bitsandbytes
+  0.50's CPU NF4 path fails otherwise (``absmax.reshape(out, in // 64)`` for ``in < 64``;
+  ``assert N % block_n == 0`` when repacking), so 4-bit loading on CPU works for text *and*
+  images here. (The real SigLIP MLP width, 4304, trips the second check on CPU.)
 * Two decoder layers, one ``sliding_attention`` (window 64) and one ``full_attention``, so both
   Gemma 3 attention kinds and their rope settings (10k local; 1M global with linear factor 8) run.
 
@@ -37,7 +43,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
@@ -51,8 +57,8 @@ from transformers import (
     PreTrainedModel,
     PreTrainedTokenizerFast,
     SiglipVisionConfig,
+    is_torchvision_available,
 )
-from transformers.utils import is_torchvision_available
 
 __all__ = [
     "BOI_TOKEN",
@@ -212,16 +218,22 @@ def _train_tokenizer() -> Tokenizer:
 
 
 def _make_tokenizer() -> PreTrainedTokenizerFast:
-    return PreTrainedTokenizerFast(
+    fast: Any = PreTrainedTokenizerFast  # its __init__ is untyped
+    tokenizer: PreTrainedTokenizerFast = fast(
         tokenizer_object=_train_tokenizer(),
         bos_token=BOS_TOKEN,
         eos_token=EOS_TOKEN,
         pad_token=PAD_TOKEN,
-        extra_special_tokens={"boi_token": BOI_TOKEN, "eoi_token": EOI_TOKEN, "image_token": IMAGE_TOKEN},
+        extra_special_tokens={
+            "boi_token": BOI_TOKEN,
+            "eoi_token": EOI_TOKEN,
+            "image_token": IMAGE_TOKEN,
+        },
         padding_side="left",
         chat_template=GEMMA3_CHAT_TEMPLATE,
         model_max_length=131_072,
     )
+    return tokenizer
 
 
 def _rope_parameters() -> dict[str, dict[str, object]]:
@@ -234,7 +246,9 @@ def _rope_parameters() -> dict[str, dict[str, object]]:
 
 def _gemma3_layer_types(num_layers: int) -> list[str]:
     """Gemma 3's pattern: five sliding-window layers, then one global layer, repeated."""
-    return ["full_attention" if (i + 1) % 6 == 0 else "sliding_attention" for i in range(num_layers)]
+    return [
+        "full_attention" if (i + 1) % 6 == 0 else "sliding_attention" for i in range(num_layers)
+    ]
 
 
 def _tiny_text_config(vocab_size: int) -> Gemma3TextConfig:
@@ -260,9 +274,10 @@ def _tiny_text_config(vocab_size: int) -> Gemma3TextConfig:
 
 def _tiny_vision_config() -> SiglipVisionConfig:
     # 32 px / patch 8 = 4x4 patches; Gemma 3 average-pools them to 2x2 = mm_tokens_per_image.
+    # Widths stay >= 64: bitsandbytes' CPU NF4 kernel fails on layers narrower than its block (64).
     return SiglipVisionConfig(
-        hidden_size=32,
-        intermediate_size=64,
+        hidden_size=64,
+        intermediate_size=128,
         num_hidden_layers=1,
         num_attention_heads=2,
         image_size=TINY_IMAGE_SIZE,
@@ -273,7 +288,8 @@ def _tiny_vision_config() -> SiglipVisionConfig:
 
 def _generation_config() -> GenerationConfig:
     """MedGemma's generation_config.json, with the tiny tokenizer's ids."""
-    return GenerationConfig(
+    generation_config: Any = GenerationConfig  # its __init__ is untyped
+    config: GenerationConfig = generation_config(
         bos_token_id=_IDS[BOS_TOKEN],
         pad_token_id=_IDS[PAD_TOKEN],
         eos_token_id=[_IDS[EOS_TOKEN], _IDS[END_OF_TURN_TOKEN]],
@@ -281,6 +297,7 @@ def _generation_config() -> GenerationConfig:
         top_k=64,
         top_p=0.95,
     )
+    return config
 
 
 def _image_processor() -> object:
@@ -291,7 +308,7 @@ def _image_processor() -> object:
     one is used when the other is unavailable. Both save the same ``processor_config.json``, and
     ``AutoProcessor`` picks whichever backend the loading machine has.
     """
-    kwargs: dict[str, object] = {
+    kwargs: dict[str, Any] = {
         "size": {"height": TINY_IMAGE_SIZE, "width": TINY_IMAGE_SIZE},
         "image_mean": [0.5, 0.5, 0.5],
         "image_std": [0.5, 0.5, 0.5],
@@ -340,7 +357,7 @@ def build_tiny_gemma(dest: Path, *, multimodal: bool = True, seed: int = 0) -> P
             model = Gemma3ForCausalLM(text_config)
     finally:
         torch.random.set_rng_state(generator_state)
-    model.eval()
+    model.train(False)  # = eval(); eval() is untyped
     model.generation_config = _generation_config()
     model.save_pretrained(dest, safe_serialization=True)
 

@@ -22,6 +22,7 @@ from gateway.conversations import ConversationStore
 from gateway.errors import APIError, install_error_handlers
 from gateway.jobs import JobService
 from gateway.medgemma.router import router as medgemma_router
+from gateway.openai_api.router import router as openai_router
 from gateway.relay import Relay
 from gateway.routes.conversations import router as conversations_router
 from gateway.routes.health import router as health_router
@@ -94,6 +95,9 @@ def create_app(settings: GatewaySettings) -> FastAPI:
             ConversationStore(redis, keys),
             queue_timeout_s=settings.gateway_queue_timeout_s,
             max_generation_s=settings.gateway_max_generation_s,
+            max_images=settings.gateway_max_images,
+            image_ttl_s=int(settings.gateway_queue_timeout_s + settings.gateway_max_generation_s)
+            + 60,
         )
         app.state.gateway = AppState(
             settings=settings,
@@ -125,6 +129,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     app.include_router(health_router)
     app.include_router(models_router)
     app.include_router(medgemma_router)
+    app.include_router(openai_router)
     app.include_router(conversations_router)
     app.add_middleware(BodyLimit, max_bytes=settings.gateway_max_body_bytes)
     return app

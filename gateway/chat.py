@@ -9,23 +9,43 @@ from __future__ import annotations
 import contextlib
 import secrets
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 from redis.exceptions import RedisError
 
 from gateway.auth import Principal
 from gateway.conversations import ConversationStore
 from gateway.errors import APIError
+from gateway.images import RawImage
 from gateway.jobs import JobService
 from gateway.relay import Subscription
 from shared.errors import ErrorCode
-from shared.protocol import ChatMessage, ConversationRef, Job, SamplingParams, TextPart
+from shared.protocol import (
+    ChatMessage,
+    ConversationRef,
+    ImagePart,
+    Job,
+    SamplingParams,
+    TextPart,
+)
 from shared.registry import ModelEntry
 
 
 def new_id(prefix: str = "") -> str:
     return prefix + secrets.token_urlsafe(16).replace("-", "a").replace("_", "b")
+
+
+Part = str | RawImage
+
+
+@dataclass(frozen=True)
+class PendingMessage:
+    """A message as a front door parsed it: text and validated images, not yet stored."""
+
+    role: Literal["system", "user", "assistant"]
+    parts: Sequence[Part]
 
 
 @dataclass
@@ -43,9 +63,13 @@ class ChatService:
         *,
         queue_timeout_s: float,
         max_generation_s: float,
+        max_images: int,
+        image_ttl_s: int,
     ) -> None:
         self.jobs = jobs
         self.conversations = conversations
+        self._max_images = max_images
+        self._image_ttl_s = image_ttl_s
         self._queue_timeout_s = queue_timeout_s
         self._lock_ttl_s = int(queue_timeout_s + max_generation_s) + 1
 
@@ -55,17 +79,17 @@ class ChatService:
         principal: Principal,
         entry: ModelEntry,
         *,
-        new: ChatMessage,
+        new: PendingMessage,
         system: str | None,
         sampling: SamplingParams,
         conversation_id: str | None,
-        earlier: Sequence[ChatMessage] = (),
+        earlier: Sequence[PendingMessage] = (),
     ) -> AsyncIterator[Turn]:
         """Submit one turn. With ``conversation_id`` the stored history is the context and
         the finished turn is stored; without it the turn is stateless (``earlier`` is the
         context the client sent)."""
+        self._check_images(entry, [new, *earlier])
         job_id = new_id()
-        history: list[ChatMessage] = list(earlier)
         ref: ConversationRef | None = None
         if conversation_id is not None:
             ref = ConversationRef(user_id=principal.user_id, conversation_id=conversation_id)
@@ -82,13 +106,16 @@ class ChatService:
                 )
         enqueued = False
         try:
+            store = _ImageStore(job_id, self.jobs.image_key)
+            history = [store.message(m) for m in earlier]
             if ref is not None:
                 history = await self.conversations.history(principal.user_id, ref.conversation_id)
             messages: list[ChatMessage] = []
             if system:
                 messages.append(ChatMessage(role="system", content=[TextPart(text=system)]))
             messages += history
-            messages.append(new)
+            messages.append(store.message(new))
+            await self._store_images(store)
             now = time.time()
             job = Job(
                 job_id=job_id,
@@ -103,6 +130,57 @@ class ChatService:
                 enqueued = True  # from now on the worker releases the lock
                 yield Turn(job=job, sub=sub, conversation_id=conversation_id)
         finally:
-            if ref is not None and not enqueued:
+            if not enqueued:
                 with contextlib.suppress(RedisError, OSError):
-                    await self.conversations.unlock(principal.user_id, ref.conversation_id, job_id)
+                    if ref is not None:
+                        await self.conversations.unlock(
+                            principal.user_id, ref.conversation_id, job_id
+                        )
+                    await self.jobs.discard_images(job_id, len(store.raw))
+
+    def _check_images(self, entry: ModelEntry, messages: Sequence[PendingMessage]) -> None:
+        count = sum(isinstance(p, RawImage) for m in messages for p in m.parts)
+        if count and not entry.capabilities.image:
+            raise APIError(
+                400,
+                ErrorCode.UNSUPPORTED_CAPABILITY,
+                f"Model {entry.model_name!r} does not read images; send text only or pick a "
+                "model with the image capability.",
+                param="image",
+            )
+        if count > self._max_images:
+            raise APIError(
+                400,
+                ErrorCode.TOO_MANY_IMAGES,
+                f"{count} images sent; at most {self._max_images} per request.",
+                param="image",
+            )
+
+    async def _store_images(self, store: _ImageStore) -> None:
+        if store.raw:
+            await self.jobs.store_images(store.job_id, store.raw, self._image_ttl_s)
+
+
+class _ImageStore:
+    """Turns pending messages into job messages, numbering their images for storage."""
+
+    def __init__(self, job_id: str, key: Callable[[str, int], str]) -> None:
+        self.job_id = job_id
+        self._key = key
+        self.raw: list[RawImage] = []
+
+    def message(self, m: PendingMessage) -> ChatMessage:
+        parts: list[TextPart | ImagePart] = []
+        for p in m.parts:
+            if isinstance(p, RawImage):
+                parts.append(
+                    ImagePart(
+                        key=self._key(self.job_id, len(self.raw)),
+                        mime_type=p.mime_type,
+                        sha256=p.sha256,
+                    )
+                )
+                self.raw.append(p)
+            else:
+                parts.append(TextPart(text=p))
+        return ChatMessage(role=m.role, content=parts)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import anyio
@@ -22,6 +22,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from gateway.errors import APIError
+from gateway.images import RawImage
 from gateway.relay import Event, Relay, RelayUnavailable, Subscription
 from shared.errors import ErrorCode, ErrorInfo
 from shared.keys import Keys
@@ -59,6 +60,20 @@ class JobService:
         return int(
             await self._redis.zcount(self._keys.workers(model), now - self._heartbeat_ttl_s, "+inf")
         )
+
+    def image_key(self, job_id: str, n: int) -> str:
+        return self._keys.job_image(job_id, n)
+
+    async def store_images(self, job_id: str, images: Sequence[RawImage], ttl_s: int) -> None:
+        """Store each image's bytes once, with a TTL; the worker deletes them when done."""
+        pipe = self._redis.pipeline(transaction=False)
+        for n, image in enumerate(images):
+            pipe.set(self.image_key(job_id, n), image.data, ex=ttl_s)
+        await pipe.execute()
+
+    async def discard_images(self, job_id: str, count: int) -> None:
+        if count:
+            await self._redis.delete(*(self.image_key(job_id, n) for n in range(count)))
 
     def _send(self, job: Job, queue: str) -> None:
         self._celery.send_task(

@@ -46,4 +46,14 @@ class GatewaySettings(CommonSettings):
     gateway_max_body_bytes: int = Field(
         default=16 * 1024 * 1024, ge=1024, description="Larger request bodies get 413."
     )
+    gateway_max_image_bytes: int = Field(
+        default=5 * 1024 * 1024, ge=1024, description="Largest accepted image (decoded bytes)."
+    )
+    gateway_max_image_pixels: int = Field(
+        default=40_000_000,
+        ge=1024,
+        description="Largest accepted image in pixels (width x height), checked from the "
+        "header before decoding, against decompression bombs.",
+    )
+    gateway_max_images: int = Field(default=4, ge=1, description="Images per request.")
     gateway_log_level: str = Field(default="INFO", description="Python log level.")

@@ -25,6 +25,12 @@ class ErrorCode(StrEnum):
     UNAUTHORIZED = "unauthorized"
     NOT_FOUND = "not_found"
     BODY_TOO_LARGE = "body_too_large"
+    IMAGE_URL_NOT_ALLOWED = "image_url_not_allowed"
+    INVALID_IMAGE = "invalid_image"
+    IMAGE_TOO_LARGE = "image_too_large"
+    IMAGE_TOO_MANY_PIXELS = "image_too_many_pixels"
+    TOO_MANY_IMAGES = "too_many_images"
+    IMAGE_EXPIRED = "image_expired"
     # Capacity and availability
     MODEL_UNAVAILABLE = "model_unavailable"
     REDIS_UNAVAILABLE = "redis_unavailable"

@@ -8,6 +8,8 @@ key                                       type        what
 ``{p}:job:{job_id}:events``               channel     live token events of one job (pub/sub)
 ``{p}:job:{job_id}:log``                  stream      the same events, kept for replay (TTL)
 ``{p}:job:{job_id}:claim``                string      the worker that runs the job (SET NX, TTL)
+``{p}:job:{job_id}:image:{n}``            string      bytes of the job's n-th image (TTL; deleted
+                                                      by the worker when the job ends)
 ``{p}:workers:{model}``                   zset        worker ids by last heartbeat time
 ``{p}:worker:{worker_id}``                string      that worker's last heartbeat (TTL)
 ``{p}:conv:{owner}:{conversation_id}``    list        the conversation's messages (JSON, TTL)
@@ -40,6 +42,9 @@ class Keys:
 
     def job_log(self, job_id: str) -> str:
         return f"{self.prefix}:job:{job_id}:log"
+
+    def job_image(self, job_id: str, n: int) -> str:
+        return f"{self.prefix}:job:{job_id}:image:{n}"
 
     def job_claim(self, job_id: str) -> str:
         return f"{self.prefix}:job:{job_id}:claim"

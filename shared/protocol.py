@@ -39,7 +39,22 @@ class TextPart(BaseModel):
     text: str
 
 
-ContentPart = Annotated[TextPart, Field(discriminator="type")]
+class ImagePart(BaseModel):
+    """An image of the prompt. The bytes travel separately: the gateway stores them once under
+    ``key`` (``{p}:job:{id}:image:{n}``, with a TTL) so the job message stays small; the worker
+    reads them and deletes them when the job ends. In stored conversation history an image is
+    replaced by the text ``[image]`` (the bytes are not kept)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    type: Literal["image"] = "image"
+    key: str
+    mime_type: Literal["image/png", "image/jpeg"]
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+
+
+ContentPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
+IMAGE_PLACEHOLDER = "[image]"
 
 
 class ChatMessage(BaseModel):
@@ -53,6 +68,19 @@ class ChatMessage(BaseModel):
     @property
     def text(self) -> str:
         return "".join(p.text for p in self.content if isinstance(p, TextPart))
+
+    @property
+    def images(self) -> list[ImagePart]:
+        return [p for p in self.content if isinstance(p, ImagePart)]
+
+    def without_images(self) -> ChatMessage:
+        """This message as conversation history keeps it: images become ``[image]``."""
+        if not self.images:
+            return self
+        parts: list[TextPart | ImagePart] = [
+            p if isinstance(p, TextPart) else TextPart(text=IMAGE_PLACEHOLDER) for p in self.content
+        ]
+        return ChatMessage(role=self.role, content=parts)
 
 
 class SamplingParams(BaseModel):

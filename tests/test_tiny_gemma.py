@@ -102,7 +102,11 @@ def test_multimodal_folder_reloads_with_auto_classes(mm_dir: Path) -> None:
 def test_chat_template_matches_gemma3(mm_dir: Path, text_dir: Path) -> None:
     tokenizer = AutoTokenizer.from_pretrained(text_dir)
     rendered = tokenizer.apply_chat_template(
-        [*TEXT_MESSAGES, {"role": "assistant", "content": "Yes."}, {"role": "user", "content": "Ok"}],
+        [
+            *TEXT_MESSAGES,
+            {"role": "assistant", "content": "Yes."},
+            {"role": "user", "content": "Ok"},
+        ],
         tokenize=False,
         add_generation_prompt=True,
     )
@@ -227,7 +231,13 @@ def test_medgemma_4b_config_shape_on_meta_device() -> None:
     config = medgemma_4b_config()
     text, vision = config.text_config, config.vision_config
     assert text.layer_types.count("full_attention") == 5
-    assert [i for i, t in enumerate(text.layer_types) if t == "full_attention"] == [5, 11, 17, 23, 29]
+    assert [i for i, t in enumerate(text.layer_types) if t == "full_attention"] == [
+        5,
+        11,
+        17,
+        23,
+        29,
+    ]
     assert text.rope_parameters["full_attention"]["factor"] == 8.0
     assert text.rope_parameters["full_attention"]["rope_theta"] == 1_000_000.0
     assert text.rope_parameters["sliding_attention"]["rope_theta"] == 10_000.0

@@ -80,8 +80,10 @@ def main() -> int:
     engine = Engine(loaded, context_length=entry.serving.context_length)
     redis = Redis.from_url(settings.redis_url, decode_responses=True, health_check_interval=30)
     keys = Keys(settings.key_prefix)
+    blobs = Redis.from_url(settings.redis_url, health_check_interval=30)
     runner = JobRunner(
         redis,
+        blobs,
         keys,
         engine,
         entry,

@@ -39,12 +39,14 @@ class ConversationWriter:
         """Queue the commands that store one finished turn on ``pipe``."""
         key = self._keys.conversation(ref.user_id, ref.conversation_id)
         assistant = ChatMessage(role="assistant", content=[TextPart(text=answer)])
-        pipe.rpush(key, user.model_dump_json(), assistant.model_dump_json())
+        pipe.rpush(key, user.without_images().model_dump_json(), assistant.model_dump_json())
         pipe.expire(key, self._ttl_s)
         index = self._keys.conversations(ref.user_id)
         pipe.zadd(index, {ref.conversation_id: time.time()})
         pipe.expire(index, self._ttl_s)
 
-    def release(self, ref: ConversationRef, job_id: str) -> None:
+    def release(self, ref: ConversationRef, job_id: str, pipe: Pipeline | None = None) -> None:
+        """Release the turn lock if this job holds it (idempotent). With ``pipe``, as part of
+        that transaction: the lock is free by the time a client sees the terminal event."""
         lock = self._keys.conversation_lock(ref.user_id, ref.conversation_id)
-        self._release(keys=[lock], args=[job_id])
+        self._release(keys=[lock], args=[job_id], client=pipe or self._redis)

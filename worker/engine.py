@@ -24,15 +24,16 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
+from PIL import Image
 from transformers import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
-from shared.protocol import ChatMessage, SamplingParams
+from shared.protocol import ChatMessage, ImagePart, SamplingParams
 from worker.loader import LoadedModel
 
 logger = logging.getLogger(__name__)
@@ -44,13 +45,21 @@ _END_OF_TURN_TOKENS = ("<end_of_turn>", "<|im_end|>", "<|eot_id|>")
 _MIN_ANSWER_TOKENS = 1
 
 
+class ImagesNotSupported(ValueError):
+    """The prompt has images but this model has no vision tower."""
+
+    def __init__(self) -> None:
+        super().__init__("this model cannot read images; send text only")
+
+
 class PromptTooLong(ValueError):
     """The newest message alone does not fit the model's context window."""
 
     def __init__(self, prompt_tokens: int, limit: int) -> None:
         super().__init__(
-            f"the message is {prompt_tokens} tokens long; this model accepts at most "
-            f"{limit} tokens of prompt. Shorten the message."
+            f"The prompt is {prompt_tokens} tokens long, but this model's context window is "
+            f"{limit + _MIN_ANSWER_TOKENS} tokens, which must also hold the answer. Shorten "
+            "the message."
         )
         self.prompt_tokens = prompt_tokens
         self.limit = limit
@@ -121,10 +130,12 @@ class _DeltaStreamer(BaseStreamer):
             self.ids[self.prefix_offset : self.read_offset], skip_special_tokens=True
         )
         rest = tail[len(head) :] if tail.startswith(head) else ""
-        self.pending += rest.replace("\ufffd", "")
-        if self.pending:
+        rest = rest.replace("\ufffd", "")
+        if rest:
+            self._offer(rest)  # the tail may complete a stop string
+        if self.pending and not self.stopped_by_string:
             self._send(self.pending)
-            self.pending = ""
+        self.pending = ""
 
     def _decode_step(self) -> str:
         head = self.tokenizer.decode(
@@ -196,15 +207,28 @@ class Engine:
 
     # -- prompt -----------------------------------------------------------------------------
 
-    def _template_messages(self, messages: Sequence[ChatMessage]) -> list[dict[str, Any]]:
-        if self.multimodal:
-            return [
-                {"role": m.role, "content": [{"type": "text", "text": m.text}]} for m in messages
-            ]
-        return [{"role": m.role, "content": m.text} for m in messages]
+    def _template_messages(
+        self, messages: Sequence[ChatMessage], images: Mapping[str, Image.Image]
+    ) -> list[dict[str, Any]]:
+        if not self.multimodal:
+            if any(m.images for m in messages):
+                raise ImagesNotSupported()
+            return [{"role": m.role, "content": m.text} for m in messages]
+        out = []
+        for m in messages:
+            content: list[dict[str, Any]] = []
+            for p in m.content:
+                if isinstance(p, ImagePart):
+                    content.append({"type": "image", "image": images[p.key]})
+                else:
+                    content.append({"type": "text", "text": p.text})
+            out.append({"role": m.role, "content": content})
+        return out
 
-    def _encode(self, messages: Sequence[ChatMessage]) -> dict[str, Any]:
-        chat = self._template_messages(messages)
+    def _encode(
+        self, messages: Sequence[ChatMessage], images: Mapping[str, Image.Image]
+    ) -> dict[str, Any]:
+        chat = self._template_messages(messages, images)
         templater = self.loaded.processor if self.multimodal else self.loaded.tokenizer
         assert templater is not None
         enc: Any = templater.apply_chat_template(
@@ -216,7 +240,12 @@ class Engine:
         )
         return dict(enc)
 
-    def build_prompt(self, messages: Sequence[ChatMessage], max_new_tokens: int) -> _Prompt:
+    def build_prompt(
+        self,
+        messages: Sequence[ChatMessage],
+        max_new_tokens: int,
+        images: Mapping[str, Image.Image] | None = None,
+    ) -> _Prompt:
         """Encode the chat, dropping the oldest turns until prompt + answer budget fit."""
         system = [m for m in messages if m.role == "system"][:1]
         turns = [m for m in messages if m.role != "system"]
@@ -224,7 +253,7 @@ class Engine:
         budget = min(max_new_tokens, self.context_length // 2)
         trimmed = 0
         while True:
-            inputs = self._encode([*system, *turns])
+            inputs = self._encode([*system, *turns], images or {})
             n = int(inputs["input_ids"].shape[-1])
             if n + budget <= self.context_length or len(turns) <= 1:
                 break
@@ -247,9 +276,12 @@ class Engine:
         *,
         on_text: Callable[[str], None],
         should_stop: Callable[[], bool] = lambda: False,
+        images: Mapping[str, Image.Image] | None = None,
     ) -> GenerationResult:
-        """Run one generation; ``on_text`` gets each text delta as soon as it is printable."""
-        prompt = self.build_prompt(messages, sampling.max_new_tokens)
+        """Run one generation; ``on_text`` gets each text delta as soon as it is printable.
+
+        ``images`` maps the key of each :class:`ImagePart` in ``messages`` to its image."""
+        prompt = self.build_prompt(messages, sampling.max_new_tokens, images)
         max_new = max(
             _MIN_ANSWER_TOKENS,
             min(sampling.max_new_tokens, self.context_length - prompt.prompt_tokens),

@@ -34,6 +34,7 @@ class EventPublisher:
         self.job_id = job_id
         self._ttl_s = ttl_s
         self.seq = 0
+        self.on_terminal: list[PipelineHook] = []  # run inside the done/error transaction
 
     def _next(self) -> int:
         self.seq += 1
@@ -48,6 +49,9 @@ class EventPublisher:
         pipe.expire(log, self._ttl_s)
         if also is not None:
             also(pipe)
+        if event.type != "token":
+            for hook in self.on_terminal:
+                hook(pipe)
         pipe.publish(self._keys.job_channel(self.job_id), payload)
         pipe.execute()
 

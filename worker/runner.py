@@ -14,11 +14,15 @@ This is everything a Celery task does, without Celery, so it can be tested direc
 
 from __future__ import annotations
 
+import hashlib
+import io
 import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
+from PIL import Image
 from redis import Redis
 
 from shared.errors import ErrorCode
@@ -26,10 +30,17 @@ from shared.keys import Keys
 from shared.protocol import Job, Usage
 from shared.registry import ModelEntry
 from worker.conversation import ConversationWriter
-from worker.engine import Engine, PromptTooLong
+from worker.engine import Engine, GenerationResult, ImagesNotSupported, PromptTooLong
 from worker.events import EventPublisher
 
+if TYPE_CHECKING:
+    from redis.client import Pipeline
+
 logger = logging.getLogger(__name__)
+
+
+class _ImageGone(LookupError):
+    """An image of the job expired or does not match its digest."""
 
 
 @dataclass
@@ -44,6 +55,7 @@ class JobRunner:
     def __init__(
         self,
         redis: Redis,
+        blobs: Redis,
         keys: Keys,
         engine: Engine,
         entry: ModelEntry,
@@ -52,6 +64,7 @@ class JobRunner:
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._redis = redis
+        self._blobs = blobs  # a client without decode_responses, for image bytes
         self._keys = keys
         self._engine = engine
         self._entry = entry
@@ -71,13 +84,19 @@ class JobRunner:
             logger.warning("job %s already claimed by another run; skipped", job.job_id)
             return
         pub = EventPublisher(self._redis, self._keys, job.job_id, ttl_s=self._config.job_ttl_s)
+        ref = job.conversation
+        if ref is not None:
+            pub.on_terminal.append(lambda pipe: self._conversations.release(ref, job.job_id, pipe))
         self.jobs_running += 1
         try:
             self._run_claimed(job, pub)
         finally:
             self.jobs_running -= 1
-            if job.conversation is not None:
-                self._conversations.release(job.conversation, job.job_id)
+            image_keys = [p.key for m in job.messages for p in m.images]
+            if image_keys:
+                self._redis.delete(*image_keys)
+            if ref is not None:  # a safety net if no terminal event could be sent
+                self._conversations.release(ref, job.job_id)
 
     def _run_claimed(self, job: Job, pub: EventPublisher) -> None:
         waited = self._clock() - job.enqueued_at
@@ -91,9 +110,26 @@ class JobRunner:
             return
         logger.info("job %s started after %.3fs in queue", job.job_id, waited)
         try:
-            result = self._engine.generate(job.messages, job.sampling, on_text=pub.token)
+            images = self._load_images(job)
+        except _ImageGone:
+            pub.error(
+                ErrorCode.IMAGE_EXPIRED,
+                "An image of this request is no longer available; send the request again.",
+                type_="invalid_request_error",
+            )
+            return
+        logger.info(
+            "job %s prompt: %d messages, %d image(s)", job.job_id, len(job.messages), len(images)
+        )
+        try:
+            result = self._engine.generate(
+                job.messages, job.sampling, on_text=pub.token, images=images
+            )
         except PromptTooLong as exc:
             pub.error(ErrorCode.PROMPT_TOO_LONG, str(exc), type_="invalid_request_error")
+            return
+        except ImagesNotSupported as exc:
+            pub.error(ErrorCode.UNSUPPORTED_CAPABILITY, str(exc), type_="invalid_request_error")
             return
         except Exception as exc:  # noqa: BLE001 - any engine failure must end the stream
             logger.error("job %s failed in the engine: %s", job.job_id, type(exc).__name__)
@@ -103,6 +139,21 @@ class JobRunner:
                 "failing, tell the operators the job id.",
             )
             return
+        self._finish(job, pub, result)
+
+    def _load_images(self, job: Job) -> dict[str, Image.Image]:
+        images: dict[str, Image.Image] = {}
+        for m in job.messages:
+            for part in m.images:
+                data = self._blobs.get(part.key)
+                if not isinstance(data, bytes) or hashlib.sha256(data).hexdigest() != part.sha256:
+                    raise _ImageGone()
+                img = Image.open(io.BytesIO(data))
+                img.load()
+                images[part.key] = img.convert("RGB")
+        return images
+
+    def _finish(self, job: Job, pub: EventPublisher, result: GenerationResult) -> None:
         usage = Usage(
             prompt_tokens=result.prompt_tokens,
             completion_tokens=result.completion_tokens,
@@ -112,7 +163,7 @@ class JobRunner:
         conv = job.conversation
         store = conv is not None and result.finish_reason != "cancelled"
 
-        def append(pipe):  # type: ignore[no-untyped-def]
+        def append(pipe: Pipeline) -> None:
             assert conv is not None
             self._conversations.append_turn(pipe, conv, job.messages[-1], result.text)
 

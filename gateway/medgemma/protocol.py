@@ -23,7 +23,16 @@ class TextPart(BaseModel):
     text: str = Field(min_length=1, max_length=200_000)
 
 
-UserPart = Annotated[TextPart, Field(discriminator="type")]
+class ImagePart(BaseModel):
+    """An image as a base64 data: URL (PNG or JPEG), for models with the image capability."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["image"]
+    data_url: str = Field(min_length=1, description="data:image/png;base64,... (or image/jpeg)")
+
+
+UserPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
 
 
 class MedGemmaRequest(BaseModel):

@@ -20,23 +20,22 @@ How the seed's controls change generation:
 
 from __future__ import annotations
 
-import contextlib
 import json
-from collections.abc import AsyncIterator
 from decimal import Decimal, InvalidOperation
 
 from fastapi.responses import JSONResponse
 from sse_starlette import EventSourceResponse, ServerSentEvent
-from starlette.background import BackgroundTask
 
 from gateway.auth import Principal
-from gateway.chat import new_id
+from gateway.chat import Part, PendingMessage, new_id
 from gateway.errors import APIError, error_response
+from gateway.images import ImageLimits, parse_image_url
 from gateway.jobs import status_for
-from gateway.medgemma.protocol import MedGemmaRequest, MedGemmaResponse
+from gateway.medgemma.protocol import ImagePart, MedGemmaRequest, MedGemmaResponse
 from gateway.state import AppState
+from gateway.streaming import OpenTurn
 from shared.errors import ErrorBody, ErrorCode
-from shared.protocol import ChatMessage, DoneEvent, ErrorEvent, SamplingParams, TextPart, TokenEvent
+from shared.protocol import DoneEvent, ErrorEvent, SamplingParams, TokenEvent
 from shared.registry import ModelEntry
 
 DEFAULT_TEMPERATURE = 0.7
@@ -163,57 +162,49 @@ async def serve(
 ) -> EventSourceResponse | JSONResponse:
     check_request(req, entry)
     sampling, hint = sampling_for(req, entry)
-    new = ChatMessage(role="user", content=[TextPart(text=p.text) for p in req.user_message])
-    cid = req.conversation_id or new_id("c-")
-    # The turn outlives this function when streaming: the stack is closed when the stream
-    # ends, and also by the response's background task if the stream never started.
-    stack = contextlib.AsyncExitStack()
-    turn = await stack.enter_async_context(
-        state.chat.start(
-            principal,
-            entry,
-            new=new,
-            system=_system(req, entry, hint),
-            sampling=sampling,
-            conversation_id=cid,
-        )
+    limits = ImageLimits(
+        state.settings.gateway_max_image_bytes, state.settings.gateway_max_image_pixels
     )
-    headers = {"X-Job-Id": turn.job.job_id, "X-Conversation-Id": cid}
-
-    if req.stream:
-
-        async def events() -> AsyncIterator[ServerSentEvent]:
-            try:
-                async for event in state.chat.jobs.follow(turn.sub, turn.job):
-                    yield _sse(event, req, cid)
-            finally:
-                await stack.aclose()
-
-        return EventSourceResponse(
-            events(),
-            ping=int(state.settings.gateway_ping_s),
-            headers=headers,
-            background=BackgroundTask(stack.aclose),
-        )
-
-    parts: list[str] = []
-    try:
-        async for event in state.chat.jobs.follow(turn.sub, turn.job):
-            if isinstance(event, TokenEvent):
-                parts.append(event.text)
-            elif isinstance(event, DoneEvent):
-                body = MedGemmaResponse(
-                    conversation_id=cid,
-                    model=entry.model_name,
-                    content="".join(parts),
-                    usage=event.usage,
-                    finish_reason=event.finish_reason,
-                    job_id=turn.job.job_id,
-                    disclaimer=event.disclaimer,
+    parts: list[Part] = []
+    for i, part in enumerate(req.user_message):
+        if isinstance(part, ImagePart):
+            if not entry.capabilities.image:
+                raise _refuse(
+                    ErrorCode.UNSUPPORTED_CAPABILITY,
+                    f"user_message.{i}",
+                    f"Model {entry.model_name!r} does not read images; send text only.",
                 )
-                return JSONResponse(body.model_dump(mode="json"), headers=headers)
-            else:
-                return error_response(status_for(event.error.code), event.error, headers)
-    finally:
-        await stack.aclose()
-    raise APIError(502, ErrorCode.INTERNAL, "The job ended without a result.")  # pragma: no cover
+            parts.append(await parse_image_url(part.data_url, limits, f"user_message.{i}.data_url"))
+        else:
+            parts.append(part.text)
+    new = PendingMessage(role="user", parts=parts)
+    cid = req.conversation_id or new_id("c-")
+    opened = await OpenTurn.open(
+        state.chat,
+        principal=principal,
+        entry=entry,
+        new=new,
+        system=_system(req, entry, hint),
+        sampling=sampling,
+        conversation_id=cid,
+    )
+    headers = {"X-Job-Id": opened.job_id, "X-Conversation-Id": cid}
+    if req.stream:
+        return opened.sse(
+            lambda event: [_sse(event, req, cid)],
+            headers=headers,
+            ping_s=state.settings.gateway_ping_s,
+        )
+    text, end = await opened.collect()
+    if isinstance(end, ErrorEvent):
+        return error_response(status_for(end.error.code), end.error, headers)
+    body = MedGemmaResponse(
+        conversation_id=cid,
+        model=entry.model_name,
+        content=text,
+        usage=end.usage,
+        finish_reason=end.finish_reason,
+        job_id=opened.job_id,
+        disclaimer=end.disclaimer,
+    )
+    return JSONResponse(body.model_dump(mode="json"), headers=headers)

@@ -1,0 +1,39 @@
+"""HTTP routes of the OpenAI-compatible API. Thin: parse, authorize, hand over to serving."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Header
+from fastapi.responses import JSONResponse
+from sse_starlette import EventSourceResponse
+
+from gateway.deps import PrincipalDep, StateDep, visible_model
+from gateway.medgemma.protocol import CONVERSATION_ID
+from gateway.openai_api import serving
+from gateway.openai_api.protocol import ChatCompletionRequest, ModelCard, ModelList
+
+router = APIRouter(prefix="/v1", tags=["openai"])
+
+
+@router.post("/chat/completions", response_model=None, summary="OpenAI Chat Completions")
+async def chat_completions(
+    req: ChatCompletionRequest,
+    state: StateDep,
+    principal: PrincipalDep,
+    x_conversation_id: Annotated[str | None, Header(pattern=CONVERSATION_ID)] = None,
+) -> EventSourceResponse | JSONResponse:
+    entry = visible_model(state, principal, req.model)
+    return await serving.serve(state, principal, entry, req, x_conversation_id)
+
+
+@router.get("/models", summary="Models you may use, in OpenAI's list format")
+async def list_models(state: StateDep, principal: PrincipalDep) -> ModelList:
+    created = int(state.registry.source.stat().st_mtime)
+    return ModelList(
+        data=[
+            ModelCard(id=m.model_name, created=created, owned_by="medgemma-serve")
+            for m in state.registry.models
+            if principal.is_admin or not m.admin
+        ]
+    )

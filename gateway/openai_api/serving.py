@@ -1,0 +1,248 @@
+"""The logic of ``POST /v1/chat/completions``: map an OpenAI request onto a turn, and the
+turn's events onto OpenAI's frames.
+
+* Streaming sends ``data: {chat.completion.chunk}`` frames exactly as OpenAI does: the first
+  carries ``delta.role``, each token a ``delta.content``, the last an empty delta with
+  ``finish_reason``; with ``stream_options.include_usage`` every chunk has ``"usage": null``
+  and a final chunk with ``choices: []`` carries the usage; then ``data: [DONE]``. A failure in
+  the middle of a stream is an error frame ``{"error": {...}}`` and then ``data: [DONE]``.
+* Stateless by default, as OpenAI clients expect: the request's messages are the whole
+  context. With ``conversation_id`` (body) or ``X-Conversation-Id`` (header) the server's
+  stored history is the context instead: only the request's system messages and its last user
+  message are used, and the finished turn is stored.
+* System and developer messages are joined into one system turn. The last message must be
+  the user's. Tool and function messages are refused (no tool calling here).
+* ``temperature`` defaults to 1 and ``top_p`` to 1, as in OpenAI's API; the answer budget is
+  ``max_completion_tokens`` (or ``max_tokens``), else the model's ``max_new_tokens``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterable
+
+from fastapi.responses import JSONResponse
+from sse_starlette import EventSourceResponse, ServerSentEvent
+
+from gateway.auth import Principal
+from gateway.chat import Part, PendingMessage
+from gateway.errors import APIError, error_response
+from gateway.images import ImageLimits, parse_image_url
+from gateway.jobs import status_for
+from gateway.openai_api.protocol import (
+    ChatCompletion,
+    ChatCompletionRequest,
+    Choice,
+    CompletionUsage,
+    ImageContent,
+    Message,
+    ResponseMessage,
+)
+from gateway.relay import Event
+from gateway.state import AppState
+from gateway.streaming import OpenTurn
+from shared.errors import ErrorBody, ErrorCode
+from shared.protocol import DoneEvent, ErrorEvent, SamplingParams, TokenEvent
+from shared.registry import ModelEntry
+
+MAX_STOP = 4
+
+
+def _unsupported(param: str, message: str) -> APIError:
+    return APIError(400, ErrorCode.UNSUPPORTED_OPTION, message, param=param)
+
+
+def check_options(req: ChatCompletionRequest) -> None:
+    if req.n not in (None, 1):
+        raise _unsupported("n", "Only n=1 is supported; send one request per completion.")
+    if req.tools or req.functions or req.tool_choice not in (None, "none"):
+        raise _unsupported("tools", "Tool and function calling are not supported.")
+    if req.function_call not in (None, "none"):
+        raise _unsupported("function_call", "Function calling is not supported.")
+    if req.response_format and req.response_format.get("type", "text") != "text":
+        raise _unsupported("response_format", "Only the text response format is supported.")
+    if req.logprobs or req.top_logprobs:
+        raise _unsupported("logprobs", "Log probabilities are not returned by this server.")
+    if req.logit_bias:
+        raise _unsupported("logit_bias", "logit_bias is not supported.")
+    for name in ("presence_penalty", "frequency_penalty"):
+        if getattr(req, name):
+            raise _unsupported(name, f"{name} is not supported; omit it or send 0.")
+    if req.audio is not None:
+        raise _unsupported("audio", "Audio output is not supported.")
+    stops = [req.stop] if isinstance(req.stop, str) else (req.stop or [])
+    if len(stops) > MAX_STOP or any(not s for s in stops):
+        raise APIError(
+            400,
+            ErrorCode.INVALID_REQUEST,
+            f"stop takes up to {MAX_STOP} non-empty strings.",
+            param="stop",
+        )
+
+
+def sampling_for(req: ChatCompletionRequest, entry: ModelEntry) -> SamplingParams:
+    budget = req.max_completion_tokens or req.max_tokens or entry.serving.max_new_tokens
+    stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+    return SamplingParams(
+        temperature=1.0 if req.temperature is None else req.temperature,
+        top_p=1.0 if req.top_p is None else req.top_p,
+        max_new_tokens=min(budget, entry.serving.context_length),
+        seed=req.seed,
+        stop=stops,
+    )
+
+
+async def _parts(m: Message, i: int, limits: ImageLimits) -> list[Part]:
+    if m.content is None:
+        return []
+    if isinstance(m.content, str):
+        return [m.content]
+    parts: list[Part] = []
+    for j, c in enumerate(m.content):
+        if isinstance(c, ImageContent):
+            param = f"messages.{i}.content.{j}.image_url.url"
+            parts.append(await parse_image_url(c.image_url.url, limits, param))
+        else:
+            parts.append(c.text)
+    return parts
+
+
+async def split_messages(
+    req: ChatCompletionRequest, limits: ImageLimits
+) -> tuple[str | None, list[PendingMessage], PendingMessage]:
+    """System text, earlier turns and the new user message."""
+    system: list[str] = []
+    turns: list[PendingMessage] = []
+    for i, m in enumerate(req.messages):
+        if m.role in ("tool", "function"):
+            raise _unsupported(f"messages.{i}.role", f"{m.role} messages are not supported.")
+        parts = await _parts(m, i, limits)
+        if m.role in ("system", "developer"):
+            if any(not isinstance(p, str) for p in parts):
+                raise APIError(
+                    400,
+                    ErrorCode.INVALID_REQUEST,
+                    "System messages take text only.",
+                    param=f"messages.{i}.content",
+                )
+            system.append("".join(p for p in parts if isinstance(p, str)))
+        else:
+            turns.append(
+                PendingMessage(role="user" if m.role == "user" else "assistant", parts=parts)
+            )
+    if not turns or turns[-1].role != "user":
+        raise APIError(
+            400,
+            ErrorCode.INVALID_REQUEST,
+            "The last message must be the user's message to answer.",
+            param="messages",
+        )
+    return ("\n\n".join(s for s in system if s) or None), turns[:-1], turns[-1]
+
+
+def _usage(done: DoneEvent) -> dict[str, int]:
+    u = done.usage
+    return CompletionUsage(
+        prompt_tokens=u.prompt_tokens,
+        completion_tokens=u.completion_tokens,
+        total_tokens=u.total_tokens,
+    ).model_dump()
+
+
+def _finish_reason(done: DoneEvent) -> str:
+    return "length" if done.finish_reason == "length" else "stop"
+
+
+class _ChunkWriter:
+    """Formats events as ``chat.completion.chunk`` frames."""
+
+    def __init__(self, completion_id: str, model: str, created: int, include_usage: bool) -> None:
+        self._base = {
+            "id": completion_id,
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": model,
+            "system_fingerprint": None,
+        }
+        self._include_usage = include_usage
+
+    def _chunk(self, delta: dict[str, str], finish: str | None, seq: int | None) -> ServerSentEvent:
+        body: dict[str, object] = {
+            **self._base,
+            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
+        }
+        if self._include_usage:
+            body["usage"] = None
+        return ServerSentEvent(data=json.dumps(body), id=None if seq is None else str(seq))
+
+    def first(self) -> ServerSentEvent:
+        return self._chunk({"role": "assistant", "content": ""}, None, None)
+
+    def frames(self, event: Event) -> Iterable[ServerSentEvent]:
+        if isinstance(event, TokenEvent):
+            return [self._chunk({"content": event.text}, None, event.seq)]
+        if isinstance(event, DoneEvent):
+            out = [self._chunk({}, _finish_reason(event), event.seq)]
+            if self._include_usage:
+                usage = {**self._base, "choices": [], "usage": _usage(event)}
+                out.append(ServerSentEvent(data=json.dumps(usage)))
+            return out
+        body = ErrorBody(error=event.error).model_dump()
+        return [ServerSentEvent(data=json.dumps(body), id=str(event.seq))]
+
+
+DONE_FRAME = ServerSentEvent(data="[DONE]")
+
+
+async def serve(
+    state: AppState,
+    principal: Principal,
+    entry: ModelEntry,
+    req: ChatCompletionRequest,
+    header_conversation_id: str | None,
+) -> EventSourceResponse | JSONResponse:
+    check_options(req)
+    if req.stream and not entry.capabilities.stream:
+        raise _unsupported("stream", f"Model {entry.model_name!r} cannot stream.")
+    limits = ImageLimits(
+        state.settings.gateway_max_image_bytes, state.settings.gateway_max_image_pixels
+    )
+    system, earlier, new = await split_messages(req, limits)
+    cid = req.conversation_id or header_conversation_id
+    opened = await OpenTurn.open(
+        state.chat,
+        principal=principal,
+        entry=entry,
+        new=new,
+        system=system,
+        sampling=sampling_for(req, entry),
+        conversation_id=cid,
+        earlier=() if cid else earlier,
+    )
+    completion_id = f"chatcmpl-{opened.job_id}"
+    created = int(time.time())
+    headers = {"X-Job-Id": opened.job_id}
+    if cid:
+        headers["X-Conversation-Id"] = cid
+    if req.stream:
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        writer = _ChunkWriter(completion_id, entry.model_name, created, include_usage)
+        return opened.sse(
+            writer.frames,
+            headers=headers,
+            ping_s=state.settings.gateway_ping_s,
+            first=[writer.first()],
+            last=[DONE_FRAME],
+        )
+    text, end = await opened.collect()
+    if isinstance(end, ErrorEvent):
+        return error_response(status_for(end.error.code), end.error, headers)
+    body = ChatCompletion(
+        id=completion_id,
+        created=created,
+        model=entry.model_name,
+        choices=[Choice(message=ResponseMessage(content=text), finish_reason=_finish_reason(end))],
+        usage=CompletionUsage(**_usage(end)),
+    )
+    return JSONResponse(body.model_dump(mode="json"), headers=headers)

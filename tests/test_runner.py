@@ -1,0 +1,406 @@
+"""worker.runner.JobRunner: one job from claim to terminal event, on fake Redis and a real engine.
+
+The engine is the tiny random Gemma 3 of ``devstack.tiny_gemma``; Redis is fakeredis. What is
+checked is what a client or an operator sees in Redis: the job's replay log and live channel,
+the stored conversation turn and its lock.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import re
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import fakeredis
+import pytest
+import torch
+from PIL import Image
+
+from shared.keys import Keys
+from shared.protocol import (
+    ChatMessage,
+    ConversationRef,
+    DoneEvent,
+    ErrorEvent,
+    ImagePart,
+    Job,
+    SamplingParams,
+    TextPart,
+    TokenEvent,
+    decode_event,
+)
+from shared.registry import ModelEntry, Registry
+from worker.engine import Engine
+from worker.loader import LoadedModel, load_model
+from worker.runner import JobRunner, RunnerConfig
+
+PROMPT = "Hello! How are you today?"  # runs to the length limit with the tiny model (greedy)
+SECRET = "PATIENT-NAME-Jane-Doe-1970"
+JOB_TTL_S = 600
+CONFIG = RunnerConfig(
+    worker_id="w-test", job_ttl_s=JOB_TTL_S, conversation_ttl_s=3600, claim_ttl_s=900
+)
+KEYS = Keys()
+Event = TokenEvent | DoneEvent | ErrorEvent
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread() -> Iterator[None]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def entry(tiny_gemma_dir: Path) -> ModelEntry:
+    return ModelEntry.model_validate(
+        {
+            "model_name": "tiny-gemma",
+            "model_alias": "Tiny Gemma",
+            "in_billing": "1000",
+            "out_billing": "2000",
+            "serving": {"path": str(tiny_gemma_dir), "max_new_tokens": 8},
+        }
+    )
+
+
+@pytest.fixture(scope="module")
+def loaded(entry: ModelEntry, tiny_gemma_dir: Path) -> LoadedModel:
+    registry = Registry(models=[entry], source=tiny_gemma_dir.parent / "models.json")
+    return load_model(entry, registry, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def engine(loaded: LoadedModel) -> Engine:
+    return Engine(loaded, context_length=1024)
+
+
+@pytest.fixture
+def server() -> fakeredis.FakeServer:
+    return fakeredis.FakeServer()
+
+
+@pytest.fixture
+def redis(server: fakeredis.FakeServer) -> fakeredis.FakeRedis:
+    return fakeredis.FakeRedis(server=server, decode_responses=True)
+
+
+@pytest.fixture
+def blobs(server: fakeredis.FakeServer) -> fakeredis.FakeRedis:
+    """A bytes client on the same server, as the worker has for image bytes."""
+    return fakeredis.FakeRedis(server=server)
+
+
+@pytest.fixture
+def make_runner(redis: fakeredis.FakeRedis, blobs: fakeredis.FakeRedis) -> Callable[..., JobRunner]:
+    def make(engine: Any, entry: ModelEntry, **kw: Any) -> JobRunner:
+        return JobRunner(redis, blobs, KEYS, engine, entry, CONFIG, **kw)
+
+    return make
+
+
+def _job(
+    job_id: str = "job-0000000001",
+    *,
+    text: str = PROMPT,
+    conversation: ConversationRef | None = None,
+    deadline_in: float = 60.0,
+    max_new_tokens: int = 8,
+) -> Job:
+    now = time.time()
+    return Job(
+        job_id=job_id,
+        model="tiny-gemma",
+        messages=[ChatMessage(role="user", content=[TextPart(text=text)])],
+        sampling=SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens),
+        conversation=conversation,
+        enqueued_at=now,
+        start_deadline=now + deadline_in,
+    )
+
+
+def _log(redis: fakeredis.FakeRedis, job_id: str) -> list[tuple[str, Event]]:
+    return [(sid, decode_event(f["e"])) for sid, f in redis.xrange(KEYS.job_log(job_id))]
+
+
+# --- a job that runs --------------------------------------------------------------------------
+
+
+def test_job_streams_tokens_then_done(
+    redis: fakeredis.FakeRedis,
+    make_runner: Callable[..., JobRunner],
+    engine: Engine,
+    entry: ModelEntry,
+) -> None:
+    job = _job()
+    make_runner(engine, entry).run(job)
+    log = _log(redis, job.job_id)
+    assert len(log) >= 3
+    assert [sid for sid, _ in log] == [f"{i}-0" for i in range(1, len(log) + 1)]
+    assert [e.seq for _, e in log] == list(range(1, len(log) + 1))
+    assert all(e.job_id == job.job_id for _, e in log)
+    *tokens, (_, done) = [e for e in log]
+    assert all(isinstance(e, TokenEvent) and e.text for _, e in tokens)
+    assert isinstance(done, DoneEvent)
+    assert done.finish_reason == "length"
+    assert done.disclaimer == entry.disclaimer
+    assert 0 < redis.ttl(KEYS.job_log(job.job_id)) <= JOB_TTL_S
+    assert redis.get(KEYS.job_claim(job.job_id)) == "w-test"
+    assert 0 < redis.ttl(KEYS.job_claim(job.job_id)) <= CONFIG.claim_ttl_s
+
+
+def test_done_usage_and_cost(
+    redis: fakeredis.FakeRedis,
+    make_runner: Callable[..., JobRunner],
+    engine: Engine,
+    entry: ModelEntry,
+) -> None:
+    job = _job(max_new_tokens=6)
+    make_runner(engine, entry).run(job)
+    done = _log(redis, job.job_id)[-1][1]
+    assert isinstance(done, DoneEvent)
+    prompt_tokens = engine.build_prompt(job.messages, 6).prompt_tokens
+    usage = done.usage
+    assert usage.prompt_tokens == prompt_tokens
+    assert usage.completion_tokens == 6  # finish_reason "length"
+    assert usage.total_tokens == prompt_tokens + 6
+    expected = (1000 * prompt_tokens + 2000 * 6) / 1_000_000
+    assert usage.cost == pytest.approx(expected)
+    assert usage.cost == pytest.approx(entry.cost(prompt_tokens, 6))
+
+
+def test_live_channel_gets_the_same_events(
+    redis: fakeredis.FakeRedis,
+    make_runner: Callable[..., JobRunner],
+    engine: Engine,
+    entry: ModelEntry,
+) -> None:
+    job = _job()
+    pubsub = redis.pubsub()
+    pubsub.subscribe(KEYS.job_channel(job.job_id))
+    assert pubsub.get_message(timeout=1)["type"] == "subscribe"  # type: ignore[index]
+    make_runner(engine, entry).run(job)
+    live: list[Event] = []
+    while (msg := pubsub.get_message(timeout=0.2)) is not None:
+        live.append(decode_event(msg["data"]))
+    pubsub.close()
+    assert live == [e for _, e in _log(redis, job.job_id)]
+
+
+def test_turn_is_stored_and_lock_released(
+    redis: fakeredis.FakeRedis,
+    make_runner: Callable[..., JobRunner],
+    engine: Engine,
+    entry: ModelEntry,
+) -> None:
+    ref = ConversationRef(user_id="alice", conversation_id="c1")
+    job = _job(conversation=ref)
+    lock = KEYS.conversation_lock("alice", "c1")
+    redis.set(lock, job.job_id, ex=600)
+    make_runner(engine, entry).run(job)
+
+    answer = "".join(e.text for _, e in _log(redis, job.job_id) if isinstance(e, TokenEvent))
+    stored = [
+        ChatMessage.model_validate_json(r)
+        for r in redis.lrange(KEYS.conversation("alice", "c1"), 0, -1)
+    ]
+    assert [(m.role, m.text) for m in stored] == [("user", PROMPT), ("assistant", answer)]
+    assert redis.get(lock) is None
+    assert redis.zscore(KEYS.conversations("alice"), "c1") is not None
+    assert redis.ttl(KEYS.conversation("alice", "c1")) > 0
+    assert redis.ttl(KEYS.conversations("alice")) > 0
+
+
+def test_lock_of_another_turn_is_kept(
+    redis: fakeredis.FakeRedis,
+    make_runner: Callable[..., JobRunner],
+    engine: Engine,
+    entry: ModelEntry,
+) -> None:
+    ref = ConversationRef(user_id="alice", conversation_id="c1")
+    job = _job(conversation=ref)
+    lock = KEYS.conversation_lock("alice", "c1")
+    redis.set(lock, "job-someone-else", ex=600)
+    make_runner(engine, entry).run(job)
+    assert redis.get(lock) == "job-someone-else"
+
+
+def test_second_run_of_a_job_is_skipped(
+    redis: fakeredis.FakeRedis,
+    make_runner: Callable[..., JobRunner],
+    engine: Engine,
+    entry: ModelEntry,
+) -> None:
+    ref = ConversationRef(user_id="alice", conversation_id="c1")
+    job = _job(conversation=ref)
+    runner = make_runner(engine, entry)
+    runner.run(job)
+    before = _log(redis, job.job_id)
+    runner.run(job)
+    make_runner(engine, entry).run(job)  # another worker: same claim key
+    assert _log(redis, job.job_id) == before
+    assert redis.llen(KEYS.conversation("alice", "c1")) == 2  # stored once
+    assert runner.jobs_running == 0
+
+
+# --- jobs that end with an error -------------------------------------------------------------
+
+
+class _Boom:
+    """An engine that fails with the prompt in its exception, as a real one might."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def generate(self, messages: Any, sampling: Any, **kw: Any) -> Any:
+        self.calls += 1
+        raise RuntimeError(f"CUDA error while processing {messages[-1].text}")
+
+
+def test_job_past_its_deadline(
+    redis: fakeredis.FakeRedis, make_runner: Callable[..., JobRunner], entry: ModelEntry
+) -> None:
+    ref = ConversationRef(user_id="alice", conversation_id="c1")
+    job = _job(conversation=ref, deadline_in=5.0)
+    lock = KEYS.conversation_lock("alice", "c1")
+    redis.set(lock, job.job_id, ex=600)
+    engine = _Boom()
+    make_runner(engine, entry, clock=lambda: job.start_deadline + 1).run(job)
+    log = _log(redis, job.job_id)
+    assert len(log) == 1
+    sid, event = log[0]
+    assert sid == "1-0"
+    assert isinstance(event, ErrorEvent)
+    assert event.error.code == "queue_timeout"
+    assert engine.calls == 0
+    assert redis.get(lock) is None  # the conversation is not left busy
+    assert redis.llen(KEYS.conversation("alice", "c1")) == 0
+    assert redis.ttl(KEYS.job_log(job.job_id)) > 0
+
+
+def test_engine_failure_is_an_error_event_without_the_prompt(
+    redis: fakeredis.FakeRedis,
+    make_runner: Callable[..., JobRunner],
+    entry: ModelEntry,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    ref = ConversationRef(user_id="alice", conversation_id="c1")
+    job = _job(text=f"My name is {SECRET}, what is wrong?", conversation=ref)
+    lock = KEYS.conversation_lock("alice", "c1")
+    redis.set(lock, job.job_id, ex=600)
+    runner = make_runner(_Boom(), entry)
+    runner.run(job)
+    log = _log(redis, job.job_id)
+    assert len(log) == 1
+    event = log[0][1]
+    assert isinstance(event, ErrorEvent)
+    assert event.error.code == "generation_failed"
+    assert SECRET not in event.error.message
+    assert SECRET not in redis.xrange(KEYS.job_log(job.job_id))[0][1]["e"]
+    assert SECRET not in caplog.text
+    assert job.job_id in caplog.text  # the operator can find the job
+    assert redis.get(lock) is None
+    assert runner.jobs_running == 0
+
+
+def test_prompt_too_long_is_an_error_event(
+    redis: fakeredis.FakeRedis,
+    make_runner: Callable[..., JobRunner],
+    loaded: LoadedModel,
+    entry: ModelEntry,
+) -> None:
+    small = Engine(loaded, context_length=40)
+    job = _job(text=f"{SECRET} " + "the patient has a cough and a fever " * 20)
+    make_runner(small, entry).run(job)
+    log = _log(redis, job.job_id)
+    assert len(log) == 1
+    event = log[0][1]
+    assert isinstance(event, ErrorEvent)
+    assert event.error.code == "prompt_too_long"
+    assert event.error.type == "invalid_request_error"
+    # the limit is named: the context window (40) or the prompt's share of it (39)
+    assert re.search(r"\b(39|40) tokens\b", event.error.message), event.error.message
+    assert SECRET not in event.error.message
+
+
+# --- images ------------------------------------------------------------------------------------
+
+
+def _png(colour: tuple[int, int, int] = (200, 30, 30)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (32, 32), colour).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _image_job(
+    blobs: fakeredis.FakeRedis, data: bytes, *, stored: bytes | None, ref: ConversationRef | None
+) -> Job:
+    job_id = "job-img-000001"
+    key = KEYS.job_image(job_id, 0)
+    if stored is not None:
+        blobs.set(key, stored, ex=600)
+    now = time.time()
+    image = ImagePart(key=key, mime_type="image/png", sha256=hashlib.sha256(data).hexdigest())
+    return Job(
+        job_id=job_id,
+        model="tiny-gemma",
+        messages=[ChatMessage(role="user", content=[image, TextPart(text="Describe the image.")])],
+        sampling=SamplingParams(temperature=0.0, max_new_tokens=4),
+        conversation=ref,
+        enqueued_at=now,
+        start_deadline=now + 60,
+    )
+
+
+def test_image_job_runs_and_its_bytes_are_deleted(
+    redis: fakeredis.FakeRedis,
+    blobs: fakeredis.FakeRedis,
+    make_runner: Callable[..., JobRunner],
+    engine: Engine,
+    entry: ModelEntry,
+) -> None:
+    data = _png()
+    ref = ConversationRef(user_id="alice", conversation_id="c-img")
+    job = _image_job(blobs, data, stored=data, ref=ref)
+    make_runner(engine, entry).run(job)
+    done = _log(redis, job.job_id)[-1][1]
+    assert isinstance(done, DoneEvent), done
+    text_only = engine.build_prompt([_job(text="Describe the image.").messages[0]], 4)
+    assert done.usage.prompt_tokens > text_only.prompt_tokens  # the image's tokens are in it
+    assert blobs.exists(KEYS.job_image(job.job_id, 0)) == 0
+    stored = [
+        ChatMessage.model_validate_json(r)
+        for r in redis.lrange(KEYS.conversation("alice", "c-img"), 0, -1)
+    ]
+    assert stored[0].text == "[image]Describe the image."
+    assert stored[0].images == []  # history keeps no image reference
+
+
+@pytest.mark.parametrize("stored", [None, b"other bytes"], ids=["expired", "wrong-digest"])
+def test_missing_image_is_an_error_event(
+    redis: fakeredis.FakeRedis,
+    blobs: fakeredis.FakeRedis,
+    make_runner: Callable[..., JobRunner],
+    entry: ModelEntry,
+    stored: bytes | None,
+) -> None:
+    engine = _Boom()
+    ref = ConversationRef(user_id="alice", conversation_id="c-img")
+    job = _image_job(blobs, _png(), stored=stored, ref=ref)
+    redis.set(KEYS.conversation_lock("alice", "c-img"), job.job_id, ex=600)
+    make_runner(engine, entry).run(job)
+    log = _log(redis, job.job_id)
+    assert len(log) == 1
+    event = log[0][1]
+    assert isinstance(event, ErrorEvent)
+    assert event.error.code == "image_expired"
+    assert engine.calls == 0
+    assert blobs.exists(KEYS.job_image(job.job_id, 0)) == 0
+    assert redis.get(KEYS.conversation_lock("alice", "c-img")) is None
