@@ -26,6 +26,7 @@ from gateway.openai_api.router import router as openai_router
 from gateway.relay import Relay
 from gateway.routes.conversations import router as conversations_router
 from gateway.routes.health import router as health_router
+from gateway.routes.jobs import router as jobs_router
 from gateway.routes.models import router as models_router
 from gateway.settings import GatewaySettings
 from gateway.state import AppState
@@ -89,6 +90,8 @@ def create_app(settings: GatewaySettings) -> FastAPI:
             keys,
             heartbeat_ttl_s=settings.heartbeat_ttl_s,
             idle_timeout_s=settings.gateway_idle_timeout_s,
+            job_ttl_s=settings.job_ttl_s,
+            resume_grace_s=settings.gateway_resume_grace_s,
         )
         chat = ChatService(
             jobs,
@@ -115,6 +118,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         try:
             yield
         finally:
+            await jobs.aclose()
             await relay.stop()
             await redis.aclose()
             celery.close()
@@ -131,5 +135,6 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     app.include_router(medgemma_router)
     app.include_router(openai_router)
     app.include_router(conversations_router)
+    app.include_router(jobs_router)
     app.add_middleware(BodyLimit, max_bytes=settings.gateway_max_body_bytes)
     return app

@@ -22,11 +22,13 @@ from gateway.images import RawImage
 from gateway.jobs import JobService
 from gateway.relay import Subscription
 from shared.errors import ErrorCode
+from shared.keys import owner_tag
 from shared.protocol import (
     ChatMessage,
     ConversationRef,
     ImagePart,
     Job,
+    JobMeta,
     SamplingParams,
     TextPart,
 )
@@ -83,6 +85,8 @@ class ChatService:
         system: str | None,
         sampling: SamplingParams,
         conversation_id: str | None,
+        api: Literal["medgemma", "openai"],
+        include_usage: bool = False,
         earlier: Sequence[PendingMessage] = (),
     ) -> AsyncIterator[Turn]:
         """Submit one turn. With ``conversation_id`` the stored history is the context and
@@ -116,6 +120,17 @@ class ChatService:
             messages += history
             messages.append(store.message(new))
             await self._store_images(store)
+            await self.jobs.record(
+                JobMeta(
+                    job_id=job_id,
+                    owner=owner_tag(principal.user_id),
+                    model=entry.model_name,
+                    api=api,
+                    conversation_id=conversation_id,
+                    created=int(time.time()),
+                    include_usage=include_usage,
+                )
+            )
             now = time.time()
             job = Job(
                 job_id=job_id,

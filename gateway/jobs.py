@@ -10,6 +10,7 @@ the idle timeout.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import time
@@ -26,7 +27,7 @@ from gateway.images import RawImage
 from gateway.relay import Event, Relay, RelayUnavailable, Subscription
 from shared.errors import ErrorCode, ErrorInfo
 from shared.keys import Keys
-from shared.protocol import GENERATE_TASK, ErrorEvent, Job
+from shared.protocol import GENERATE_TASK, ErrorEvent, Job, JobMeta
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +48,8 @@ class JobService:
         *,
         heartbeat_ttl_s: float,
         idle_timeout_s: float,
+        job_ttl_s: int,
+        resume_grace_s: float,
     ) -> None:
         self._redis = redis
         self._relay = relay
@@ -54,6 +57,61 @@ class JobService:
         self._keys = keys
         self._heartbeat_ttl_s = heartbeat_ttl_s
         self._idle_timeout_s = idle_timeout_s
+        self._job_ttl_s = job_ttl_s
+        self.resume_grace_s = resume_grace_s
+        self._pending: set[asyncio.Task[None]] = set()
+
+    # -- job records, cancellation, watchers -------------------------------------------------
+
+    async def record(self, meta: JobMeta) -> None:
+        await self._redis.set(
+            self._keys.job_meta(meta.job_id), meta.model_dump_json(), ex=self._job_ttl_s
+        )
+
+    async def meta(self, job_id: str) -> JobMeta | None:
+        raw = await self._redis.get(self._keys.job_meta(job_id))
+        return None if raw is None else JobMeta.model_validate_json(raw)
+
+    async def cancel(self, job_id: str) -> None:
+        """Ask whichever worker runs (or will pick up) the job to stop. Idempotent."""
+        pipe = self._redis.pipeline(transaction=True)
+        pipe.set(self._keys.job_cancel(job_id), "1", ex=self._job_ttl_s)
+        pipe.publish(self._keys.cancel_channel, job_id)
+        await pipe.execute()
+        logger.info("job %s cancelled", job_id)
+
+    @contextlib.asynccontextmanager
+    async def watching(self, job_id: str) -> AsyncIterator[None]:
+        """Count an open stream of the job, so an abandoned job can be told from a resumed one."""
+        key = self._keys.job_watchers(job_id)
+        pipe = self._redis.pipeline(transaction=True)
+        pipe.incr(key)
+        pipe.expire(key, self._job_ttl_s)
+        await pipe.execute()
+        try:
+            yield
+        finally:
+            with contextlib.suppress(RedisError, OSError):
+                await self._redis.decr(key)
+
+    def abandoned(self, job_id: str) -> None:
+        """The client left mid-stream: cancel the job unless a client resumes it in time."""
+        task = asyncio.create_task(self._cancel_if_abandoned(job_id))
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
+
+    async def _cancel_if_abandoned(self, job_id: str) -> None:
+        await asyncio.sleep(self.resume_grace_s)
+        try:
+            watchers = int(await self._redis.get(self._keys.job_watchers(job_id)) or 0)
+            if watchers <= 0:
+                await self.cancel(job_id)
+        except (RedisError, OSError) as exc:
+            logger.warning("could not cancel abandoned job %s: %s", job_id, type(exc).__name__)
+
+    async def aclose(self) -> None:
+        for task in list(self._pending):
+            task.cancel()
 
     async def live_workers(self, model: str) -> int:
         now = time.time()
@@ -113,11 +171,21 @@ class JobService:
                 raise unavailable("The job queue is unreachable; try again shortly.") from None
             raise
 
+    @property
+    def resume_timeout_s(self) -> float:
+        return self._idle_timeout_s
+
+    def subscribe(self, job_id: str) -> contextlib.AbstractAsyncContextManager[Subscription]:
+        return self._relay.subscribe(job_id)
+
+    def first_timeout(self, job: Job) -> float:
+        return max(0.0, job.start_deadline - time.time()) + REPORT_GRACE_S
+
     async def follow(
-        self, sub: Subscription, job: Job, *, after_seq: int = 0
+        self, sub: Subscription, job_id: str, *, first_timeout_s: float, after_seq: int = 0
     ) -> AsyncIterator[Event]:
         """The job's events; a synthetic error event ends the stream if the job stalls."""
-        first_timeout = max(0.0, job.start_deadline - time.time()) + REPORT_GRACE_S
+        first_timeout = first_timeout_s if after_seq == 0 else self._idle_timeout_s
         last = after_seq
         try:
             async for event in self._relay.events(
@@ -131,10 +199,10 @@ class JobService:
         except TimeoutError:
             started = last > 0
             logger.warning(
-                "job %s timed out (%s)", job.job_id, "stalled" if started else "never started"
+                "job %s timed out (%s)", job_id, "stalled" if started else "never started"
             )
             yield _error(
-                job.job_id,
+                job_id,
                 last + 1,
                 ErrorCode.WORKER_TIMEOUT,
                 "The worker stopped responding in the middle of this answer."
@@ -143,7 +211,7 @@ class JobService:
             )
         except RelayUnavailable:
             yield _error(
-                job.job_id,
+                job_id,
                 last + 1,
                 ErrorCode.REDIS_UNAVAILABLE,
                 "The connection to the job queue was lost; the answer cannot continue.",

@@ -42,6 +42,12 @@ class GatewaySettings(CommonSettings):
     gateway_max_generation_s: float = Field(
         default=600.0, gt=0, description="Upper bound on one generation (holds the turn lock)."
     )
+    gateway_resume_grace_s: float = Field(
+        default=10.0,
+        ge=0,
+        description="How long a job whose client left mid-stream keeps running, waiting for "
+        "the client to resume (GET /jobs/{id}/events); then it is cancelled.",
+    )
     gateway_ping_s: float = Field(default=15.0, gt=0, description="SSE keep-alive interval.")
     gateway_max_body_bytes: int = Field(
         default=16 * 1024 * 1024, ge=1024, description="Larger request bodies get 413."

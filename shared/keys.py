@@ -8,6 +8,10 @@ key                                       type        what
 ``{p}:job:{job_id}:events``               channel     live token events of one job (pub/sub)
 ``{p}:job:{job_id}:log``                  stream      the same events, kept for replay (TTL)
 ``{p}:job:{job_id}:claim``                string      the worker that runs the job (SET NX, TTL)
+``{p}:job:{job_id}:meta``                 string      owner, API format and outcome (JobMeta, TTL)
+``{p}:job:{job_id}:cancel``               string      set when the job is cancelled (TTL)
+``{p}:job:{job_id}:watchers``             string      open SSE streams of the job (TTL)
+``{p}:cancel``                            channel     job ids to cancel, heard by every worker
 ``{p}:job:{job_id}:image:{n}``            string      bytes of the job's n-th image (TTL; deleted
                                                       by the worker when the job ends)
 ``{p}:workers:{model}``                   zset        worker ids by last heartbeat time
@@ -45,6 +49,19 @@ class Keys:
 
     def job_image(self, job_id: str, n: int) -> str:
         return f"{self.prefix}:job:{job_id}:image:{n}"
+
+    def job_meta(self, job_id: str) -> str:
+        return f"{self.prefix}:job:{job_id}:meta"
+
+    def job_cancel(self, job_id: str) -> str:
+        return f"{self.prefix}:job:{job_id}:cancel"
+
+    def job_watchers(self, job_id: str) -> str:
+        return f"{self.prefix}:job:{job_id}:watchers"
+
+    @property
+    def cancel_channel(self) -> str:
+        return f"{self.prefix}:cancel"
 
     def job_claim(self, job_id: str) -> str:
         return f"{self.prefix}:job:{job_id}:claim"

@@ -167,6 +167,19 @@ def decode_event(raw: str | bytes) -> TokenEvent | DoneEvent | ErrorEvent:
     return _event_adapter.validate_json(raw)
 
 
+class JobMeta(_Message):
+    """What the gateway records about a job so that its owner can cancel it and resume its
+    stream in the format it was asked in (``{p}:job:{id}:meta``, JSON, TTL)."""
+
+    job_id: str
+    owner: str = Field(description="shared.keys.owner_tag of the user id")
+    model: str
+    api: Literal["medgemma", "openai"]
+    conversation_id: str | None = None
+    created: int
+    include_usage: bool = False
+
+
 # --- workers ----------------------------------------------------------------------------------
 
 

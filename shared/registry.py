@@ -88,6 +88,12 @@ class Serving(BaseModel):
         default=None, description="Celery queue; defaults to the model's name."
     )
     max_new_tokens: int = Field(default=512, ge=1)
+    engine: Literal["transformers", "loadtest"] = Field(
+        default="transformers",
+        description="'loadtest' emits tokens at loadtest_tokens_per_s with no model, to "
+        "measure the gateway and queue alone. Never use it for real traffic.",
+    )
+    loadtest_tokens_per_s: float = Field(default=50.0, gt=0)
     default_system_message: str | None = Field(
         default=None,
         description="System prompt used when a request sends none (the verbosity instruction "
@@ -96,6 +102,8 @@ class Serving(BaseModel):
 
     @model_validator(mode="after")
     def _one_source(self) -> Serving:
+        if self.engine == "loadtest":
+            return self
         given = [n for n in ("repo_id", "path", "package_file") if getattr(self, n) is not None]
         if len(given) != 1:
             raise ValueError(

@@ -71,6 +71,15 @@ def write_registry(dest: Path, tiny_dir: Path) -> Path:
         tiny_entry("tiny-gemma", str(tiny_dir)),
         tiny_entry("ghost-model", str(tiny_dir)),  # no worker ever serves it
         {**tiny_entry("secret-model", str(tiny_dir)), "admin": True},
+        # The load-test engine: 20 tokens/s, no model; long, predictable generations.
+        tiny_entry(
+            "slow-model",
+            "unused",
+            engine="loadtest",
+            loadtest_tokens_per_s=20,
+            max_new_tokens=200,
+            context_length=4096,
+        ),
     ]
     models.append(json.loads((Path(__file__).parent.parent / "models.json").read_text())[1])
     dest.write_text(json.dumps(models, indent=2))
@@ -124,6 +133,7 @@ def start_stack(workdir: Path, tiny_dir: Path, *, workers: int = 1) -> Stack:
         "GATEWAY_API_KEYS": API_KEYS,
         "GATEWAY_DEFAULT_MODEL": "tiny-gemma",
         "GATEWAY_QUEUE_TIMEOUT_S": "30",
+        "GATEWAY_RESUME_GRACE_S": "1.0",
         "HEARTBEAT_INTERVAL_S": "0.5",
         "HEARTBEAT_TTL_S": "2",
         "WORKER_DEVICE": "cpu",

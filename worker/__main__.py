@@ -22,10 +22,12 @@ from shared.keys import Keys
 from shared.logs import configure_logging
 from shared.protocol import WorkerHeartbeat
 from shared.registry import RegistryError, load_registry
+from worker.cancel import CancelWatcher
 from worker.celery_app import create_celery
-from worker.engine import Engine
+from worker.engine import Engine, GenerationEngine
 from worker.heartbeat import Heartbeat
 from worker.loader import ModelLoadError, hf_token_from_env, load_model
+from worker.loadtest import LoadTestEngine
 from worker.runner import JobRunner, RunnerConfig
 from worker.settings import WorkerSettings
 
@@ -66,20 +68,30 @@ def main() -> int:
             names,
         )
         return 2
-    try:
-        loaded = load_model(
-            entry,
-            registry,
-            device=settings.worker_device,
-            cpu_quantization=settings.worker_cpu_quantization,
-            hf_token=hf_token_from_env(),
+    engine: GenerationEngine
+    device, quantization = "none", "none"
+    if entry.serving.engine == "loadtest":
+        logger.warning(
+            "%s uses the LOAD-TEST engine: no model, fixed-rate tokens", entry.model_name
         )
-    except ModelLoadError as exc:
-        logger.error("cannot load %s [%s]: %s", entry.model_name, exc.code, exc)
-        return 3
-    engine = Engine(loaded, context_length=entry.serving.context_length)
+        engine = LoadTestEngine(entry.serving.loadtest_tokens_per_s)
+    else:
+        try:
+            loaded = load_model(
+                entry,
+                registry,
+                device=settings.worker_device,
+                cpu_quantization=settings.worker_cpu_quantization,
+                hf_token=hf_token_from_env(),
+            )
+        except ModelLoadError as exc:
+            logger.error("cannot load %s [%s]: %s", entry.model_name, exc.code, exc)
+            return 3
+        engine = Engine(loaded, context_length=entry.serving.context_length)
+        device, quantization = loaded.device, loaded.quantization
     redis = Redis.from_url(settings.redis_url, decode_responses=True, health_check_interval=30)
     keys = Keys(settings.key_prefix)
+    cancels = CancelWatcher(redis, keys)
     blobs = Redis.from_url(settings.redis_url, health_check_interval=30)
     runner = JobRunner(
         redis,
@@ -93,6 +105,7 @@ def main() -> int:
             conversation_ttl_s=settings.conversation_ttl_s,
             claim_ttl_s=settings.worker_claim_ttl_s,
         ),
+        cancels=cancels,
     )
     started = time.time()
 
@@ -100,11 +113,11 @@ def main() -> int:
         return WorkerHeartbeat(
             worker_id=settings.worker_id,
             model=entry.model_name,
-            device=loaded.device,
-            quantization=loaded.quantization,
+            device=device,
+            quantization=quantization,
             jobs_running=runner.jobs_running,
             concurrency=settings.worker_concurrency,
-            gpu_memory_free_bytes=_gpu_free_bytes(loaded.device),
+            gpu_memory_free_bytes=_gpu_free_bytes(device),
             version=_version(),
             started_at=started,
             sent_at=time.time(),
@@ -119,6 +132,7 @@ def main() -> int:
     )
 
     def on_ready(**_: Any) -> None:
+        cancels.start()
         heartbeat.start()
         logger.info(
             "worker %s serving %s on queue %s", settings.worker_id, entry.model_name, entry.queue
@@ -126,6 +140,7 @@ def main() -> int:
 
     def on_shutdown(**_: Any) -> None:
         heartbeat.stop()
+        cancels.stop()
 
     signals.worker_ready.connect(on_ready, weak=False)
     signals.worker_shutdown.connect(on_shutdown, weak=False)

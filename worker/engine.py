@@ -26,7 +26,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import torch
 from PIL import Image
@@ -43,6 +43,20 @@ FinishReason = Literal["stop", "length", "cancelled"]
 # End-of-turn markers of the chat formats we serve (Gemma, ChatML, Llama 3).
 _END_OF_TURN_TOKENS = ("<end_of_turn>", "<|im_end|>", "<|eot_id|>")
 _MIN_ANSWER_TOKENS = 1
+
+
+class GenerationEngine(Protocol):
+    """What the job runner needs from an engine (the model one, or the load-test one)."""
+
+    def generate(
+        self,
+        messages: Sequence[ChatMessage],
+        sampling: SamplingParams,
+        *,
+        on_text: Callable[[str], None],
+        should_stop: Callable[[], bool] = ...,
+        images: Mapping[str, Image.Image] | None = None,
+    ) -> GenerationResult: ...
 
 
 class ImagesNotSupported(ValueError):

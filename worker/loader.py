@@ -22,8 +22,11 @@ at once neither corrupt it nor convert twice.
 
 Quantization: on CUDA the registry's ``8bit`` / ``4bit`` is applied with bitsandbytes (4-bit is
 NF4 with bfloat16 compute and double quantization). On CPU it is applied only when
-``cpu_quantization="registry"``; the default ``"none"`` keeps full precision because, measured by
-``bench/quant_cpu.py`` (``docs/bench/quant_cpu.json``), 8-bit decodes slower than float32 there.
+``cpu_quantization="registry"``; the default ``"none"`` keeps full precision. Measured by
+``bench/quant_cpu.py`` (``docs/bench/quant_cpu.json``, SmolLM2-135M, 2-core AMD EPYC): 8-bit
+decodes about 20% slower than float32; 4-bit decodes about 1.5x faster, but only through a
+bitsandbytes kernel that needs AVX512-BF16; both take more process memory than float32 (the
+full-precision weights are read first) and change the greedy answer after 4-5 tokens.
 
 Every failure a person can fix is a :class:`ModelLoadError` with a stable ``code`` and a message
 saying what to do. Hub errors are mapped by exception type. The token is never logged.
@@ -199,8 +202,12 @@ def load_model(
     elif serving.package_file is not None:
         found = _package_file(serving.package_file.package, serving.package_file.file)
         folder = _local_weights(found, registry, cache_dir)
-    else:  # pragma: no cover - the registry validates that exactly one source is given
-        raise ModelLoadError("weights_not_found", f"model {entry.model_name} has no weights source")
+    else:  # only a serving.engine="loadtest" entry may have no source, and it loads no model
+        raise ModelLoadError(
+            "weights_not_found",
+            f"model {entry.model_name} has no weights source: set serving.repo_id, path or "
+            "package_file",
+        )
 
     model, tokenizer, processor = _load_folder(
         folder, name=entry.model_name, device=dev, quantization=quantization, dtype=dtype

@@ -29,8 +29,14 @@ from shared.errors import ErrorCode
 from shared.keys import Keys
 from shared.protocol import Job, Usage
 from shared.registry import ModelEntry
+from worker.cancel import CancelWatcher
 from worker.conversation import ConversationWriter
-from worker.engine import Engine, GenerationResult, ImagesNotSupported, PromptTooLong
+from worker.engine import (
+    GenerationEngine,
+    GenerationResult,
+    ImagesNotSupported,
+    PromptTooLong,
+)
 from worker.events import EventPublisher
 
 if TYPE_CHECKING:
@@ -57,10 +63,11 @@ class JobRunner:
         redis: Redis,
         blobs: Redis,
         keys: Keys,
-        engine: Engine,
+        engine: GenerationEngine,
         entry: ModelEntry,
         config: RunnerConfig,
         *,
+        cancels: CancelWatcher | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._redis = redis
@@ -70,6 +77,7 @@ class JobRunner:
         self._entry = entry
         self._config = config
         self._clock = clock
+        self._cancels = cancels
         self._conversations = ConversationWriter(redis, keys, ttl_s=config.conversation_ttl_s)
         self.jobs_running = 0
 
@@ -88,10 +96,14 @@ class JobRunner:
         if ref is not None:
             pub.on_terminal.append(lambda pipe: self._conversations.release(ref, job.job_id, pipe))
         self.jobs_running += 1
+        if self._cancels is not None:
+            self._cancels.begin(job.job_id)
         try:
             self._run_claimed(job, pub)
         finally:
             self.jobs_running -= 1
+            if self._cancels is not None:
+                self._cancels.end(job.job_id)
             image_keys = [p.key for m in job.messages for p in m.images]
             if image_keys:
                 self._redis.delete(*image_keys)
@@ -106,6 +118,14 @@ class JobRunner:
                 ErrorCode.QUEUE_TIMEOUT,
                 "The request waited in the queue past its deadline and was not run. "
                 "Try again when the service is less busy.",
+            )
+            return
+        if self._is_cancelled(job.job_id):
+            logger.info("job %s skipped: cancelled before it started", job.job_id)
+            pub.done(
+                "cancelled",
+                Usage(prompt_tokens=0, completion_tokens=0, total_tokens=0),
+                disclaimer=None,
             )
             return
         logger.info("job %s started after %.3fs in queue", job.job_id, waited)
@@ -123,7 +143,11 @@ class JobRunner:
         )
         try:
             result = self._engine.generate(
-                job.messages, job.sampling, on_text=pub.token, images=images
+                job.messages,
+                job.sampling,
+                on_text=pub.token,
+                should_stop=lambda: self._is_cancelled(job.job_id),
+                images=images,
             )
         except PromptTooLong as exc:
             pub.error(ErrorCode.PROMPT_TOO_LONG, str(exc), type_="invalid_request_error")
@@ -140,6 +164,9 @@ class JobRunner:
             )
             return
         self._finish(job, pub, result)
+
+    def _is_cancelled(self, job_id: str) -> bool:
+        return self._cancels is not None and self._cancels.is_cancelled(job_id)
 
     def _load_images(self, job: Job) -> dict[str, Image.Image]:
         images: dict[str, Image.Image] = {}

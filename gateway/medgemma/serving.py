@@ -32,8 +32,9 @@ from gateway.errors import APIError, error_response
 from gateway.images import ImageLimits, parse_image_url
 from gateway.jobs import status_for
 from gateway.medgemma.protocol import ImagePart, MedGemmaRequest, MedGemmaResponse
+from gateway.relay import Event
 from gateway.state import AppState
-from gateway.streaming import OpenTurn
+from gateway.streaming import JobStream
 from shared.errors import ErrorBody, ErrorCode
 from shared.protocol import DoneEvent, ErrorEvent, SamplingParams, TokenEvent
 from shared.registry import ModelEntry
@@ -139,15 +140,14 @@ def _system(req: MedGemmaRequest, entry: ModelEntry, hint: str) -> str | None:
     return text or None
 
 
-def _sse(
-    event: TokenEvent | DoneEvent | ErrorEvent, req: MedGemmaRequest, cid: str
-) -> ServerSentEvent:
+def seed_frame(event: Event, model: str, cid: str | None) -> ServerSentEvent:
+    """One event in the seed API's SSE format: ``event:`` type, ``id:`` sequence number."""
     if isinstance(event, TokenEvent):
         data: dict[str, object] = {"text": event.text}
     elif isinstance(event, DoneEvent):
         data = {
             "conversation_id": cid,
-            "model": req.model,
+            "model": model,
             "finish_reason": event.finish_reason,
             "usage": event.usage.model_dump(),
             "disclaimer": event.disclaimer,
@@ -179,7 +179,7 @@ async def serve(
             parts.append(part.text)
     new = PendingMessage(role="user", parts=parts)
     cid = req.conversation_id or new_id("c-")
-    opened = await OpenTurn.open(
+    opened = await JobStream.start_turn(
         state.chat,
         principal=principal,
         entry=entry,
@@ -187,11 +187,12 @@ async def serve(
         system=_system(req, entry, hint),
         sampling=sampling,
         conversation_id=cid,
+        api="medgemma",
     )
     headers = {"X-Job-Id": opened.job_id, "X-Conversation-Id": cid}
     if req.stream:
         return opened.sse(
-            lambda event: [_sse(event, req, cid)],
+            lambda event: [seed_frame(event, entry.model_name, cid)],
             headers=headers,
             ping_s=state.settings.gateway_ping_s,
         )

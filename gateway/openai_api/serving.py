@@ -41,7 +41,7 @@ from gateway.openai_api.protocol import (
 )
 from gateway.relay import Event
 from gateway.state import AppState
-from gateway.streaming import OpenTurn
+from gateway.streaming import JobStream
 from shared.errors import ErrorBody, ErrorCode
 from shared.protocol import DoneEvent, ErrorEvent, SamplingParams, TokenEvent
 from shared.registry import ModelEntry
@@ -154,7 +154,7 @@ def _finish_reason(done: DoneEvent) -> str:
     return "length" if done.finish_reason == "length" else "stop"
 
 
-class _ChunkWriter:
+class ChunkWriter:
     """Formats events as ``chat.completion.chunk`` frames."""
 
     def __init__(self, completion_id: str, model: str, created: int, include_usage: bool) -> None:
@@ -210,7 +210,7 @@ async def serve(
     )
     system, earlier, new = await split_messages(req, limits)
     cid = req.conversation_id or header_conversation_id
-    opened = await OpenTurn.open(
+    opened = await JobStream.start_turn(
         state.chat,
         principal=principal,
         entry=entry,
@@ -218,6 +218,8 @@ async def serve(
         system=system,
         sampling=sampling_for(req, entry),
         conversation_id=cid,
+        api="openai",
+        include_usage=bool(req.stream_options and req.stream_options.include_usage),
         earlier=() if cid else earlier,
     )
     completion_id = f"chatcmpl-{opened.job_id}"
@@ -227,7 +229,7 @@ async def serve(
         headers["X-Conversation-Id"] = cid
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        writer = _ChunkWriter(completion_id, entry.model_name, created, include_usage)
+        writer = ChunkWriter(completion_id, entry.model_name, created, include_usage)
         return opened.sse(
             writer.frames,
             headers=headers,

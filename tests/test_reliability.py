@@ -1,0 +1,181 @@
+"""Streams that survive: cancellation frees the worker, a dropped stream resumes exactly.
+
+A worker with the load-test engine (20 tokens/s, 200 tokens, no model) gives generations long
+and regular enough to cancel or interrupt at a known point.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterator
+
+import httpx
+import pytest
+from httpx_sse import connect_sse
+from redis import Redis
+
+from devstack.processes import Proc
+from shared.keys import Keys
+from shared.protocol import DoneEvent, decode_event
+from tests.stack import OTHER_KEY, Stack, ask
+
+pytestmark = pytest.mark.integration
+SLOW = "slow-model"
+
+
+@pytest.fixture(scope="module")
+def slow_worker(stack: Stack) -> Iterator[Proc]:
+    proc = stack.add_worker(SLOW)
+    yield proc
+    proc.stop()
+
+
+def job_log(stack: Stack, job_id: str) -> list[object]:
+    redis = Redis.from_url(stack.redis_url, decode_responses=True)
+    return [decode_event(f["e"]) for _id, f in redis.xrange(Keys().job_log(job_id))]
+
+
+def wait_for_done(stack: Stack, job_id: str, timeout_s: float) -> tuple[DoneEvent, float]:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        events = job_log(stack, job_id)
+        if events and isinstance(events[-1], DoneEvent):
+            return events[-1], time.monotonic()
+        time.sleep(0.02)
+    raise AssertionError(f"job {job_id} did not finish within {timeout_s}s")
+
+
+def test_cancel_endpoint_stops_generation_within_a_second(stack: Stack, slow_worker: Proc) -> None:
+    got: list[str] = []
+    job: dict[str, str] = {}
+    seen_five = threading.Event()
+
+    def read() -> None:
+        with (
+            stack.client() as c,
+            connect_sse(c, "POST", "/medgemma", json=ask("long answer please", model=SLOW)) as src,
+        ):
+            job["id"] = src.response.headers["x-job-id"]
+            for e in src.iter_sse():
+                got.append(e.event)
+                if len(got) == 5:
+                    seen_five.set()
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    assert seen_five.wait(20)
+    with stack.client() as c:
+        t0 = time.monotonic()
+        r = c.post(f"/jobs/{job['id']}/cancel")
+    assert r.status_code == 202
+    done, t_done = wait_for_done(stack, job["id"], 5)
+    reader.join(10)
+    assert done.finish_reason == "cancelled"
+    assert t_done - t0 < 1.0, f"worker kept generating {t_done - t0:.2f}s after the cancel"
+    assert done.usage.completion_tokens < 40  # of 200
+    assert got[-1] == "done"
+
+
+def test_client_that_leaves_and_does_not_return_frees_the_worker(
+    stack: Stack, slow_worker: Proc
+) -> None:
+    body = {**ask("tell me everything", model=SLOW), "conversation_id": "left-early"}
+    with stack.client() as c, connect_sse(c, "POST", "/medgemma", json=body) as src:
+        job_id = src.response.headers["x-job-id"]
+        for n, _ in enumerate(src.iter_sse(), 1):
+            if n == 3:
+                break  # the client goes away mid-stream
+    left_at = time.monotonic()
+    done, t_done = wait_for_done(stack, job_id, 10)
+    grace = float(stack.env["GATEWAY_RESUME_GRACE_S"])
+    assert done.finish_reason == "cancelled"
+    assert t_done - left_at < grace + 1.0
+    with stack.client() as c:  # a cancelled answer is not stored
+        assert c.get("/conversations/left-early").status_code == 404
+
+
+def _resume(stack: Stack, job_id: str, last_id: int, key: str | None = None) -> httpx.Response:
+    with stack.client(key) if key else stack.client() as c:
+        return c.get(f"/jobs/{job_id}/events", headers={"Last-Event-ID": str(last_id)})
+
+
+def test_resume_returns_exactly_the_rest_then_live(stack: Stack, slow_worker: Proc) -> None:
+    first: list[tuple[int, str]] = []
+    with (
+        stack.client() as c,
+        connect_sse(c, "POST", "/medgemma", json=ask("resume me", model=SLOW, verbosity=0)) as src,
+    ):
+        job_id = src.response.headers["x-job-id"]
+        for e in src.iter_sse():
+            first.append((int(e.id), json.loads(e.data)["text"]))
+            if len(first) == 6:
+                break  # connection dropped after event 6
+    with (
+        stack.client() as c,
+        connect_sse(c, "GET", f"/jobs/{job_id}/events", headers={"Last-Event-ID": "6"}) as src,
+    ):
+        rest = [(int(e.id), e.event, e.data) for e in src.iter_sse()]
+    ids = [i for i, _ in first] + [i for i, _, _ in rest]
+    assert ids == list(range(1, len(ids) + 1)), "no gap, no duplicate"
+    text = "".join(t for _, t in first) + "".join(
+        json.loads(d)["text"] for _, ev, d in rest if ev == "token"
+    )
+    done = json.loads(rest[-1][2])
+    assert rest[-1][1] == "done" and done["finish_reason"] == "length"
+    n = done["usage"]["completion_tokens"]
+    assert text == "".join(f"tok{i} " for i in range(n))
+
+
+def test_resume_keeps_the_openai_format(stack: Stack, slow_worker: Proc) -> None:
+    body = {
+        "model": SLOW,
+        "stream": True,
+        "max_tokens": 12,
+        "messages": [{"role": "user", "content": "hi"}],
+    }
+    seen = 0
+    with stack.client() as c, connect_sse(c, "POST", "/v1/chat/completions", json=body) as src:
+        job_id = src.response.headers["x-job-id"]
+        for e in src.iter_sse():
+            seen = int(e.id) if e.id else seen
+            if seen == 4:
+                break
+    with (
+        stack.client() as c,
+        connect_sse(c, "GET", f"/jobs/{job_id}/events", headers={"Last-Event-ID": "4"}) as src,
+    ):
+        datas = [e.data for e in src.iter_sse()]
+    assert datas[-1] == "[DONE]"
+    chunks = [json.loads(d) for d in datas[:-1]]
+    assert all(ch["object"] == "chat.completion.chunk" for ch in chunks)
+    assert all(ch["id"] == f"chatcmpl-{job_id}" for ch in chunks)
+    contents = [ch["choices"][0]["delta"].get("content") for ch in chunks[:-1]]
+    assert contents == [f"tok{i} " for i in range(4, 12)]
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+
+
+def test_other_users_cannot_cancel_or_resume(stack: Stack, slow_worker: Proc) -> None:
+    with stack.client() as c:
+        r = c.post(
+            "/v1/chat/completions",
+            json={"model": SLOW, "max_tokens": 2, "messages": [{"role": "user", "content": "x"}]},
+        )
+    job_id = r.headers["x-job-id"]
+    with stack.client(OTHER_KEY) as bob:
+        assert bob.post(f"/jobs/{job_id}/cancel").status_code == 404
+        assert bob.get(f"/jobs/{job_id}/events").status_code == 404
+    with stack.client() as c:
+        assert c.get("/jobs/nonexistent-job-id/events").status_code == 404
+
+
+def test_every_chat_response_carries_its_job_id(stack: Stack, slow_worker: Proc) -> None:
+    with stack.client() as c:
+        a = c.post("/medgemma", json={**ask("x", model=SLOW), "stream": False, "verbosity": 0})
+        b = c.post(
+            "/v1/chat/completions",
+            json={"model": SLOW, "max_tokens": 2, "messages": [{"role": "user", "content": "x"}]},
+        )
+    assert a.headers["x-job-id"] and b.headers["x-job-id"]
+    assert b.json()["id"] == f"chatcmpl-{b.headers['x-job-id']}"
