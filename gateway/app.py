@@ -13,9 +13,12 @@ from contextlib import asynccontextmanager
 
 from celery import Celery
 from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
 from redis.asyncio import Redis
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from gateway.audit import AuditLog
+from gateway.auditing import AuditMiddleware
 from gateway.auth import KeyStore
 from gateway.chat import ChatService
 from gateway.conversations import ConversationStore
@@ -23,6 +26,7 @@ from gateway.errors import APIError, install_error_handlers
 from gateway.jobs import JobService
 from gateway.medgemma.router import router as medgemma_router
 from gateway.openai_api.router import router as openai_router
+from gateway.ratelimit import RateLimiter
 from gateway.relay import Relay
 from gateway.routes.conversations import router as conversations_router
 from gateway.routes.health import router as health_router
@@ -69,6 +73,8 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         development=settings.gateway_env == "development",
     )
 
+    audit_log = AuditLog.from_target(settings.gateway_audit_log)
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         redis = Redis.from_url(
@@ -97,10 +103,8 @@ def create_app(settings: GatewaySettings) -> FastAPI:
             jobs,
             ConversationStore(redis, keys),
             queue_timeout_s=settings.gateway_queue_timeout_s,
-            max_generation_s=settings.gateway_max_generation_s,
             max_images=settings.gateway_max_images,
-            image_ttl_s=int(settings.gateway_queue_timeout_s + settings.gateway_max_generation_s)
-            + 60,
+            turn_ttl_s=settings.turn_ttl_s,
         )
         app.state.gateway = AppState(
             settings=settings,
@@ -111,6 +115,14 @@ def create_app(settings: GatewaySettings) -> FastAPI:
             celery=celery,
             chat=chat,
             api_keys=api_keys,
+            limiter=RateLimiter(
+                redis,
+                settings.key_prefix,
+                requests_per_minute=settings.gateway_rate_limit_rpm,
+                concurrent_streams=settings.gateway_max_concurrent_streams,
+                stream_ttl_s=settings.turn_ttl_s,
+            ),
+            audit=audit_log,
         )
         if api_keys.uses_demo_key:
             logger.warning("development mode: the demo API key 'demo-key' (user demo) is active")
@@ -122,6 +134,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
             await relay.stop()
             await redis.aclose()
             celery.close()
+            audit_log.close()
 
     app = FastAPI(
         title="MedGemma serving gateway",
@@ -137,4 +150,13 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     app.include_router(conversations_router)
     app.include_router(jobs_router)
     app.add_middleware(BodyLimit, max_bytes=settings.gateway_max_body_bytes)
+    app.add_middleware(AuditMiddleware, log=audit_log)
+    if settings.gateway_cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.gateway_cors_origins,
+            allow_methods=["GET", "POST", "DELETE"],
+            allow_headers=["Authorization", "Content-Type", "Last-Event-ID", "X-Conversation-Id"],
+            expose_headers=["X-Job-Id", "X-Conversation-Id", "Retry-After"],
+        )
     return app

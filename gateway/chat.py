@@ -64,16 +64,15 @@ class ChatService:
         conversations: ConversationStore,
         *,
         queue_timeout_s: float,
-        max_generation_s: float,
         max_images: int,
-        image_ttl_s: int,
+        turn_ttl_s: int,
     ) -> None:
         self.jobs = jobs
         self.conversations = conversations
         self._max_images = max_images
-        self._image_ttl_s = image_ttl_s
+        self._image_ttl_s = turn_ttl_s
         self._queue_timeout_s = queue_timeout_s
-        self._lock_ttl_s = int(queue_timeout_s + max_generation_s) + 1
+        self._lock_ttl_s = turn_ttl_s
 
     @contextlib.asynccontextmanager
     async def start(

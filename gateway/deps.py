@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import Annotated
 
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
+from gateway.auditing import AuditInfo, audit_info
 from gateway.auth import Principal
 from gateway.errors import APIError
 from gateway.state import AppState
@@ -25,10 +27,14 @@ StateDep = Annotated[AppState, Depends(get_state)]
 
 
 def get_principal(
+    request: Request,
     state: StateDep,
     creds: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> Principal:
     principal = state.api_keys.authenticate(creds.credentials) if creds else None
+    if principal is not None:
+        info = audit_info(request.state)
+        info.user_id, info.role = principal.user_id, principal.role
     if principal is None:
         raise APIError(
             401,
@@ -40,6 +46,24 @@ def get_principal(
 
 
 PrincipalDep = Annotated[Principal, Depends(get_principal)]
+
+
+def get_audit(request: Request) -> AuditInfo:
+    return audit_info(request.state)
+
+
+AuditDep = Annotated[AuditInfo, Depends(get_audit)]
+
+
+async def rate_limited(
+    state: AppState, principal: Principal, *, stream: bool
+) -> contextlib.AbstractAsyncContextManager[None]:
+    """Count one chat request; for a stream, also a slot held until the stream ends.
+
+    Counted in Redis, so the limits hold across gateway processes. Over a limit: 429 with a
+    Retry-After computed from the window."""
+    await state.limiter.hit(principal.user_id)  # RateLimited becomes a 429 (gateway/errors.py)
+    return state.limiter.stream(principal.user_id) if stream else contextlib.nullcontext()
 
 
 def visible_model(state: AppState, principal: Principal, name: str) -> ModelEntry:

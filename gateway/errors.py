@@ -13,8 +13,10 @@ from collections.abc import Mapping
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from redis.exceptions import RedisError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from gateway.ratelimit import RateLimited
 from shared.errors import ErrorBody, ErrorCode, ErrorInfo
 
 logger = logging.getLogger(__name__)
@@ -104,6 +106,28 @@ async def _http_error(_: Request, exc: Exception) -> JSONResponse:
     return error_response(exc.status_code, info, getattr(exc, "headers", None))
 
 
+async def _rate_limited(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RateLimited)
+    info = ErrorInfo(
+        message=exc.message,
+        type="rate_limit_error",
+        param=None,
+        code=ErrorCode.RATE_LIMITED.value,
+    )
+    return error_response(429, info, {"Retry-After": str(exc.retry_after_s)})
+
+
+async def _redis_down(_: Request, exc: Exception) -> JSONResponse:
+    logger.warning("Redis unavailable: %s", type(exc).__name__)
+    info = ErrorInfo(
+        message="Redis is unreachable; the service cannot take requests now. Try again shortly.",
+        type="service_unavailable",
+        param=None,
+        code=ErrorCode.REDIS_UNAVAILABLE.value,
+    )
+    return error_response(503, info, {"Retry-After": "5"})
+
+
 async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
     logger.error("unhandled %s", type(exc).__name__)
     info = ErrorInfo(
@@ -118,4 +142,6 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(APIError, _api_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(RateLimited, _rate_limited)
+    app.add_exception_handler(RedisError, _redis_down)
     app.add_exception_handler(Exception, _unexpected)

@@ -48,6 +48,12 @@ class GatewaySettings(CommonSettings):
         description="How long a job whose client left mid-stream keeps running, waiting for "
         "the client to resume (GET /jobs/{id}/events); then it is cancelled.",
     )
+    gateway_first_event_wait_s: float = Field(
+        default=3.0,
+        ge=0,
+        description="How long a stream waits for its first event before sending headers, so "
+        "a job that fails at once gets an HTTP error status rather than a 200 stream.",
+    )
     gateway_ping_s: float = Field(default=15.0, gt=0, description="SSE keep-alive interval.")
     gateway_max_body_bytes: int = Field(
         default=16 * 1024 * 1024, ge=1024, description="Larger request bodies get 413."
@@ -62,4 +68,25 @@ class GatewaySettings(CommonSettings):
         "header before decoding, against decompression bombs.",
     )
     gateway_max_images: int = Field(default=4, ge=1, description="Images per request.")
+    gateway_rate_limit_rpm: int = Field(
+        default=60, ge=0, description="Chat requests per minute per user (0: no limit)."
+    )
+    gateway_max_concurrent_streams: int = Field(
+        default=4, ge=0, description="Open answers (streams) per user at once (0: no limit)."
+    )
+    gateway_audit_log: str = Field(
+        default="stdout",
+        description="Where the audit trail goes: 'stdout' or a file path (appended, mode 0600).",
+    )
+    gateway_cors_origins: list[str] = Field(
+        default_factory=list,
+        description='Front-end origins allowed by CORS, e.g. ["https://chat.hospital.org"]; '
+        "empty (the default) turns CORS off.",
+    )
     gateway_log_level: str = Field(default="INFO", description="Python log level.")
+
+    @property
+    def turn_ttl_s(self) -> int:
+        """Longest life of one turn (queue wait + generation + a margin): bounds the
+        conversation lock, the job's images and a rate-limit stream slot."""
+        return int(self.gateway_queue_timeout_s + self.gateway_max_generation_s) + 60

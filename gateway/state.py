@@ -7,8 +7,10 @@ from dataclasses import dataclass
 from celery import Celery
 from redis.asyncio import Redis
 
+from gateway.audit import AuditLog
 from gateway.auth import KeyStore
 from gateway.chat import ChatService
+from gateway.ratelimit import RateLimiter
 from gateway.relay import Relay
 from gateway.settings import GatewaySettings
 from shared.keys import Keys
@@ -25,3 +27,5 @@ class AppState:
     celery: Celery
     chat: ChatService
     api_keys: KeyStore
+    limiter: RateLimiter
+    audit: AuditLog

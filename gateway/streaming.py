@@ -9,6 +9,7 @@ client resumes it within the grace window, the job is cancelled and the GPU free
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Callable, Iterable
 from typing import Any
@@ -16,6 +17,8 @@ from typing import Any
 from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.background import BackgroundTask
 
+from gateway.audit import prompt_digest
+from gateway.auditing import AuditInfo
 from gateway.chat import ChatService
 from gateway.jobs import JobService
 from gateway.relay import Event, Subscription
@@ -35,6 +38,7 @@ class JobStream:
         first_timeout_s: float,
         after_seq: int = 0,
         job: Job | None = None,
+        audit: AuditInfo | None = None,
     ) -> None:
         self._jobs = jobs
         self.job_id = job_id
@@ -43,12 +47,32 @@ class JobStream:
         self._stack = stack
         self._first_timeout_s = first_timeout_s
         self._after_seq = after_seq
+        self._iter: AsyncIterator[Event] | None = None
+        self._first: asyncio.Future[Event] | None = None
+        self._audit = audit
 
     @classmethod
-    async def start_turn(cls, chat: ChatService, **start: Any) -> JobStream:
-        """Submit a new turn (see :meth:`ChatService.start`) and follow it."""
+    async def start_turn(
+        cls,
+        chat: ChatService,
+        *,
+        hold: contextlib.AbstractAsyncContextManager[None],
+        audit: AuditInfo,
+        **start: Any,
+    ) -> JobStream:
+        """Submit a new turn (see :meth:`ChatService.start`) and follow it. ``hold`` (a rate
+        limiter's stream slot) is taken first and released when the stream ends."""
         stack = contextlib.AsyncExitStack()
-        turn = await stack.enter_async_context(chat.start(**start))
+        try:
+            await stack.enter_async_context(hold)
+            turn = await stack.enter_async_context(chat.start(**start))
+        except BaseException:
+            await stack.aclose()
+            raise
+        audit.job_id = turn.job.job_id
+        audit.model = turn.job.model
+        audit.conversation_id = turn.conversation_id
+        audit.prompt_sha256 = prompt_digest([turn.job.messages[-1].text])
         return cls(
             chat.jobs,
             turn.job.job_id,
@@ -56,24 +80,85 @@ class JobStream:
             stack,
             first_timeout_s=chat.jobs.first_timeout(turn.job),
             job=turn.job,
+            audit=audit,
         )
 
     @classmethod
-    async def resume(cls, jobs: JobService, job_id: str, after_seq: int) -> JobStream:
+    async def resume(
+        cls,
+        jobs: JobService,
+        job_id: str,
+        after_seq: int,
+        *,
+        hold: contextlib.AbstractAsyncContextManager[None],
+        audit: AuditInfo,
+    ) -> JobStream:
         """Follow an existing job from after ``after_seq``: the log first, then live."""
         stack = contextlib.AsyncExitStack()
-        sub = await stack.enter_async_context(jobs.subscribe(job_id))
+        try:
+            await stack.enter_async_context(hold)
+            sub = await stack.enter_async_context(jobs.subscribe(job_id))
+        except BaseException:
+            await stack.aclose()
+            raise
         return cls(
-            jobs, job_id, sub, stack, first_timeout_s=jobs.resume_timeout_s, after_seq=after_seq
+            jobs,
+            job_id,
+            sub,
+            stack,
+            first_timeout_s=jobs.resume_timeout_s,
+            after_seq=after_seq,
+            audit=audit,
         )
 
     async def close(self) -> None:
         await self._stack.aclose()
 
     def _events(self) -> AsyncIterator[Event]:
-        return self._jobs.follow(
-            self._sub, self.job_id, first_timeout_s=self._first_timeout_s, after_seq=self._after_seq
-        )
+        if self._iter is None:
+            self._iter = self._jobs.follow(
+                self._sub,
+                self.job_id,
+                first_timeout_s=self._first_timeout_s,
+                after_seq=self._after_seq,
+            )
+        return self._iter
+
+    async def early_error(self, wait_s: float) -> ErrorEvent | None:
+        """Wait up to ``wait_s`` for the first event; return it if the job already failed.
+
+        Lets a stream that fails at once (a prompt over the context limit, say) answer with a
+        proper HTTP error instead of a 200 whose first event is an error. Token events are
+        not delayed: the stream starts as soon as the first event arrives."""
+        it = self._events()
+        self._first = asyncio.ensure_future(anext(it))
+        done, _ = await asyncio.wait({self._first}, timeout=wait_s)
+        if done and not self._first.cancelled() and self._first.exception() is None:
+            event = self._first.result()
+            if isinstance(event, ErrorEvent):
+                self._note(event)
+                await self.close()
+                return event
+        return None
+
+    def _note(self, event: Event) -> None:
+        if self._audit is None:
+            return
+        if isinstance(event, DoneEvent):
+            self._audit.outcome = "ok" if event.finish_reason != "cancelled" else "cancelled"
+            self._audit.prompt_tokens = event.usage.prompt_tokens
+            self._audit.completion_tokens = event.usage.completion_tokens
+        elif isinstance(event, ErrorEvent):
+            self._audit.outcome = f"error:{event.error.code}"
+
+    async def _all(self) -> AsyncIterator[Event]:
+        if self._first is not None:
+            event = await self._first
+            self._note(event)
+            yield event
+        async for event in self._events():
+            self._note(event)
+            yield event
 
     def sse(
         self,
@@ -90,14 +175,18 @@ class JobStream:
                 async with self._jobs.watching(self.job_id):
                     for frame in first:
                         yield frame
-                    async for event in self._events():
+                    async for event in self._all():
                         finished = event.type in TERMINAL_TYPES
                         for frame in frames(event):
                             yield frame
                     for frame in last:
                         yield frame
             finally:
+                if self._first is not None and not self._first.done():
+                    self._first.cancel()
                 if not finished:
+                    if self._audit is not None:
+                        self._audit.outcome = "client_left"
                     self._jobs.abandoned(self.job_id)
                 await self.close()
 
@@ -113,6 +202,7 @@ class JobStream:
                 if isinstance(event, TokenEvent):
                     parts.append(event.text)
                 else:
+                    self._note(event)
                     return "".join(parts), event
         finally:
             await self.close()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import time
 
 import openai
 import pytest
@@ -285,17 +286,41 @@ def test_image_on_a_text_only_model_is_refused(stack: Stack) -> None:
     assert r.status_code == 400 and r.json()["error"]["code"] == "unsupported_capability"
 
 
-def test_mid_stream_failure_is_an_error_frame_then_done(stack: Stack) -> None:
-    # A prompt longer than tiny-gemma's 512-token context fails in the worker after the
-    # stream has started: the client gets an OpenAI error frame, then [DONE].
-    long_text = "word " * 2000
+def test_a_prompt_over_the_context_is_a_400_even_when_streaming(stack: Stack) -> None:
+    # The job fails before its first token: the gateway waits briefly for the first event,
+    # so the client gets a proper HTTP error instead of a 200 stream holding an error.
     body = {
         "model": "tiny-gemma",
         "stream": True,
-        "messages": [{"role": "user", "content": long_text}],
+        "messages": [{"role": "user", "content": "word " * 2000}],
     }
+    with stack.client() as c:
+        r = c.post("/v1/chat/completions", json=body)
+    assert r.status_code == 400
+    err = r.json()["error"]
+    assert err["code"] == "prompt_too_long" and "512" in err["message"]
+
+
+def test_mid_stream_failure_is_an_error_frame_then_done(stack: Stack) -> None:
+    # A worker killed in the middle of an answer: the stream ends with an OpenAI error frame
+    # and [DONE] once the gateway's idle timeout (3 s here) passes, never a hang.
+    worker = stack.add_worker("slow-model")
+    body = {
+        "model": "slow-model",
+        "stream": True,
+        "max_tokens": 200,
+        "messages": [{"role": "user", "content": "hi"}],
+    }
+    datas: list[str] = []
+    killed_at = 0.0
     with stack.client() as c, connect_sse(c, "POST", "/v1/chat/completions", json=body) as src:
-        datas = [e.data for e in src.iter_sse()]
+        for e in src.iter_sse():
+            datas.append(e.data)
+            if len(datas) == 4:
+                worker.popen.kill()  # SIGKILL: no goodbye, no terminal event
+                killed_at = time.monotonic()
+        ended_at = time.monotonic()
     assert datas[-1] == "[DONE]"
     err = json.loads(datas[-2])["error"]
-    assert err["code"] == "prompt_too_long" and "512" in err["message"]
+    assert err["code"] == "worker_timeout"
+    assert ended_at - killed_at < 10

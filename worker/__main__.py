@@ -145,7 +145,9 @@ def main() -> int:
     signals.worker_ready.connect(on_ready, weak=False)
     signals.worker_shutdown.connect(on_shutdown, weak=False)
 
-    app = create_celery(settings.redis_url, runner)
+    app = create_celery(
+        settings.redis_url, runner, shutdown_grace_s=settings.worker_shutdown_grace_s
+    )
     app.worker_main(
         [
             "worker",

@@ -24,9 +24,11 @@ from worker.runner import JobRunner
 logger = logging.getLogger(__name__)
 
 
-def create_celery(redis_url: str, runner: JobRunner) -> Celery:
+def create_celery(redis_url: str, runner: JobRunner, *, shutdown_grace_s: float) -> Celery:
     app = Celery("medgemma-worker")
     app.conf.update(celery_options(redis_url))
+    # SIGTERM: stop taking jobs, let running ones finish for up to this long (Celery 5.5+).
+    app.conf.worker_soft_shutdown_timeout = shutdown_grace_s
 
     @app.task(name=GENERATE_TASK, ignore_result=True)  # type: ignore[untyped-decorator]
     def generate(payload: dict[str, Any]) -> None:

@@ -38,4 +38,10 @@ class WorkerSettings(CommonSettings):
         ge=10,
         description="How long a worker's claim on a job lasts (no other worker may run it).",
     )
+    worker_shutdown_grace_s: float = Field(
+        default=120.0,
+        ge=0,
+        description="On SIGTERM, how long running generations may go on before they are "
+        "cancelled (keep it below compose's stop_grace_period).",
+    )
     worker_log_level: str = Field(default="INFO", description="Python log level.")

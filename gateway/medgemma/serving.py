@@ -26,8 +26,10 @@ from decimal import Decimal, InvalidOperation
 from fastapi.responses import JSONResponse
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
+from gateway.auditing import AuditInfo
 from gateway.auth import Principal
 from gateway.chat import Part, PendingMessage, new_id
+from gateway.deps import rate_limited
 from gateway.errors import APIError, error_response
 from gateway.images import ImageLimits, parse_image_url
 from gateway.jobs import status_for
@@ -158,9 +160,14 @@ def seed_frame(event: Event, model: str, cid: str | None) -> ServerSentEvent:
 
 
 async def serve(
-    state: AppState, principal: Principal, entry: ModelEntry, req: MedGemmaRequest
+    state: AppState,
+    principal: Principal,
+    entry: ModelEntry,
+    req: MedGemmaRequest,
+    audit: AuditInfo,
 ) -> EventSourceResponse | JSONResponse:
     check_request(req, entry)
+    hold = await rate_limited(state, principal, stream=req.stream)
     sampling, hint = sampling_for(req, entry)
     limits = ImageLimits(
         state.settings.gateway_max_image_bytes, state.settings.gateway_max_image_pixels
@@ -181,6 +188,8 @@ async def serve(
     cid = req.conversation_id or new_id("c-")
     opened = await JobStream.start_turn(
         state.chat,
+        hold=hold,
+        audit=audit,
         principal=principal,
         entry=entry,
         new=new,
@@ -191,6 +200,9 @@ async def serve(
     )
     headers = {"X-Job-Id": opened.job_id, "X-Conversation-Id": cid}
     if req.stream:
+        failed = await opened.early_error(state.settings.gateway_first_event_wait_s)
+        if failed is not None:
+            return error_response(status_for(failed.error.code), failed.error, headers)
         return opened.sse(
             lambda event: [seed_frame(event, entry.model_name, cid)],
             headers=headers,

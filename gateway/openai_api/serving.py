@@ -25,8 +25,10 @@ from collections.abc import Iterable
 from fastapi.responses import JSONResponse
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
+from gateway.auditing import AuditInfo
 from gateway.auth import Principal
 from gateway.chat import Part, PendingMessage
+from gateway.deps import rate_limited
 from gateway.errors import APIError, error_response
 from gateway.images import ImageLimits, parse_image_url
 from gateway.jobs import status_for
@@ -201,6 +203,7 @@ async def serve(
     entry: ModelEntry,
     req: ChatCompletionRequest,
     header_conversation_id: str | None,
+    audit: AuditInfo,
 ) -> EventSourceResponse | JSONResponse:
     check_options(req)
     if req.stream and not entry.capabilities.stream:
@@ -208,10 +211,13 @@ async def serve(
     limits = ImageLimits(
         state.settings.gateway_max_image_bytes, state.settings.gateway_max_image_pixels
     )
+    hold = await rate_limited(state, principal, stream=req.stream)
     system, earlier, new = await split_messages(req, limits)
     cid = req.conversation_id or header_conversation_id
     opened = await JobStream.start_turn(
         state.chat,
+        hold=hold,
+        audit=audit,
         principal=principal,
         entry=entry,
         new=new,
@@ -228,6 +234,9 @@ async def serve(
     if cid:
         headers["X-Conversation-Id"] = cid
     if req.stream:
+        failed = await opened.early_error(state.settings.gateway_first_event_wait_s)
+        if failed is not None:
+            return error_response(status_for(failed.error.code), failed.error, headers)
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         writer = ChunkWriter(completion_id, entry.model_name, created, include_usage)
         return opened.sse(

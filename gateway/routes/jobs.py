@@ -13,7 +13,7 @@ from fastapi import APIRouter, Header, Path
 from fastapi.responses import JSONResponse
 from sse_starlette import EventSourceResponse
 
-from gateway.deps import PrincipalDep, StateDep
+from gateway.deps import AuditDep, PrincipalDep, StateDep, rate_limited
 from gateway.errors import APIError
 from gateway.medgemma.serving import seed_frame
 from gateway.openai_api.serving import DONE_FRAME, ChunkWriter
@@ -35,7 +35,10 @@ async def _own_job(state: StateDep, principal: PrincipalDep, job_id: str) -> Job
 
 
 @router.post("/jobs/{job_id}/cancel", status_code=202, summary="Stop a job; frees the GPU")
-async def cancel_job(job_id: JobId, state: StateDep, principal: PrincipalDep) -> JSONResponse:
+async def cancel_job(
+    job_id: JobId, state: StateDep, principal: PrincipalDep, audit: AuditDep
+) -> JSONResponse:
+    audit.job_id = job_id
     await _own_job(state, principal, job_id)
     await state.chat.jobs.cancel(job_id)
     return JSONResponse({"job_id": job_id, "status": "cancelling"}, status_code=202)
@@ -46,10 +49,13 @@ async def job_events(
     job_id: JobId,
     state: StateDep,
     principal: PrincipalDep,
+    audit: AuditDep,
     last_event_id: Annotated[int, Header(ge=0)] = 0,
 ) -> EventSourceResponse:
     meta = await _own_job(state, principal, job_id)
-    stream = await JobStream.resume(state.chat.jobs, job_id, last_event_id)
+    audit.job_id, audit.model, audit.conversation_id = job_id, meta.model, meta.conversation_id
+    hold = await rate_limited(state, principal, stream=True)
+    stream = await JobStream.resume(state.chat.jobs, job_id, last_event_id, hold=hold, audit=audit)
     headers = {"X-Job-Id": job_id}
     ping = state.settings.gateway_ping_s
     if meta.api == "openai":

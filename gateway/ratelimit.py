@@ -1,0 +1,156 @@
+"""Per-API-key limits, counted in Redis so they hold across all gateway processes.
+
+Two limits per user id (0 disables either):
+
+* requests per minute, a sliding window: ``{prefix}:rl:{owner}:rpm`` is a sorted set of the
+  accepted requests' timestamps. One Lua script prunes what left the window, counts, and adds
+  the new request only if there is room, atomically, so concurrent gateways cannot both take
+  the last slot. A refused request is not counted (hammering does not prolong the wait), and
+  its ``retry_after_s`` is when the oldest request that must leave the window does so.
+* concurrent streams: ``{prefix}:rl:{owner}:streams`` is a sorted set of slot tokens scored by
+  their expiry (start + ``stream_ttl_s``). A slot is released when its ``stream()`` block ends,
+  also on an exception or a cancellation (the release is shielded from anyio's level-triggered
+  cancellation, which would otherwise cancel it too). A gateway that dies mid-stream cannot
+  leak a slot forever: the script prunes expired tokens. ``stream_ttl_s`` must therefore
+  bound one stream (queue wait plus generation); a longer stream stops counting once it
+  expires. A stream ends when its generation does, which no one can predict, so its
+  ``retry_after_s`` is the earliest guaranteed expiry capped at ``STREAM_RETRY_HINT_S``.
+
+``owner`` is ``shared.keys.owner_tag(user_id)``: user ids never appear in key names. Every key
+gets a TTL that covers its newest member, so an idle user leaves nothing behind. Timestamps
+come from the gateway's wall clock (``time.time``; injectable for tests); gateways that share a
+Redis are assumed NTP-synchronised, a skew of a few ms only shifts a window edge.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import secrets
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Literal
+
+import anyio
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from shared.keys import owner_tag
+
+logger = logging.getLogger(__name__)
+
+WINDOW_S = 60.0
+STREAM_RETRY_HINT_S = 5
+RELEASE_TIMEOUT_S = 2.0
+
+Limit = Literal["requests_per_minute", "concurrent_streams"]
+
+# KEYS[1]: the sorted set. ARGV: now, the new member's score, limit, the member, and the
+# lifetime: a member is gone once now >= its score + lifetime. Returns {1, ""} when the member
+# was added, else {0, "<time at which a slot frees>"} (a string: Lua numbers would be truncated
+# to integers on the way out).
+_TAKE = """
+local key = KEYS[1]
+local now = tonumber(ARGV[1])
+local limit = tonumber(ARGV[3])
+local lifetime = tonumber(ARGV[5])
+redis.call('ZREMRANGEBYSCORE', key, '-inf', now - lifetime)
+local count = redis.call('ZCARD', key)
+if count >= limit then
+  local blocker = redis.call('ZRANGE', key, count - limit, count - limit, 'WITHSCORES')
+  return {0, tostring(tonumber(blocker[2]) + lifetime)}
+end
+redis.call('ZADD', key, ARGV[2], ARGV[4])
+local newest = redis.call('ZRANGE', key, -1, -1, 'WITHSCORES')
+local ttl_ms = math.ceil((tonumber(newest[2]) + lifetime - now) * 1000)
+redis.call('PEXPIRE', key, math.max(ttl_ms, 1000))
+return {1, ""}
+"""
+
+
+class RateLimited(Exception):
+    def __init__(self, limit: Limit, retry_after_s: int, message: str) -> None:
+        super().__init__(message)
+        self.limit: Limit = limit
+        self.retry_after_s = retry_after_s
+        self.message = message
+
+
+class RateLimiter:
+    def __init__(
+        self,
+        redis: Redis,
+        prefix: str,
+        *,
+        requests_per_minute: int,
+        concurrent_streams: int,
+        stream_ttl_s: int,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        if requests_per_minute < 0 or concurrent_streams < 0 or stream_ttl_s < 1:
+            raise ValueError("limits must be >= 0 and stream_ttl_s >= 1")
+        self._redis = redis
+        self._prefix = prefix
+        self._rpm = requests_per_minute
+        self._streams = concurrent_streams
+        self._stream_ttl_s = stream_ttl_s
+        self._clock = clock
+        self._take = redis.register_script(_TAKE)
+
+    def _key(self, user_id: str, kind: str) -> str:
+        return f"{self._prefix}:rl:{owner_tag(user_id)}:{kind}"
+
+    async def _try_take(
+        self, key: str, now: float, score: float, limit: int, member: str, lifetime: float
+    ) -> float | None:
+        """Take a slot: None when taken, else the time at which one frees."""
+        added, frees_at = await self._take(
+            keys=[key], args=[repr(now), repr(score), limit, member, repr(lifetime)]
+        )
+        return None if int(added) else float(frees_at)
+
+    async def hit(self, user_id: str) -> None:
+        """Count one request of ``user_id``; RateLimited if the last minute is full."""
+        if not self._rpm:
+            return
+        now = self._clock()
+        member = f"{now!r}:{secrets.token_hex(6)}"
+        frees_at = await self._try_take(
+            self._key(user_id, "rpm"), now, now, self._rpm, member, WINDOW_S
+        )
+        if frees_at is not None:
+            retry = max(1, math.ceil(frees_at - now))
+            raise RateLimited(
+                "requests_per_minute",
+                retry,
+                f"Rate limit: {self._rpm} requests per minute. Retry in {retry} s.",
+            )
+
+    @contextlib.asynccontextmanager
+    async def stream(self, user_id: str) -> AsyncIterator[None]:
+        """Hold one of ``user_id``'s concurrent-stream slots for the block's duration."""
+        if not self._streams:
+            yield
+            return
+        key = self._key(user_id, "streams")
+        token = secrets.token_hex(12)
+        now = self._clock()
+        frees_at = await self._try_take(key, now, now + self._stream_ttl_s, self._streams, token, 0)
+        if frees_at is not None:
+            retry = min(STREAM_RETRY_HINT_S, max(1, math.ceil(frees_at - now)))
+            raise RateLimited(
+                "concurrent_streams",
+                retry,
+                f"Rate limit: {self._streams} concurrent streams. Retry in {retry} s, or when "
+                "one of your streams ends.",
+            )
+        try:
+            yield
+        finally:
+            with anyio.move_on_after(RELEASE_TIMEOUT_S, shield=True):
+                try:
+                    await self._redis.zrem(key, token)
+                except (RedisError, OSError) as exc:
+                    # The slot expires after stream_ttl_s anyway.
+                    logger.warning("could not release a stream slot: %s", type(exc).__name__)

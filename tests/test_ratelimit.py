@@ -1,0 +1,247 @@
+"""Per-key rate limits on a fake Redis server: a sliding minute and concurrent streams, shared
+by every gateway process (two RateLimiters on one server), with a clock the tests move."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+import anyio
+import fakeredis
+import pytest
+
+from gateway.ratelimit import RateLimited, RateLimiter
+from shared.keys import owner_tag
+
+T = TypeVar("T")
+ALICE = "alice@example.org"
+BOB = "bob@example.org"
+T0 = 1_700_000_000.0
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = T0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def run(fn: Callable[[fakeredis.FakeServer, Clock], Awaitable[T]]) -> T:
+    """Run ``fn`` on a fresh fake server and clock, in its own event loop."""
+
+    async def main() -> T:
+        return await fn(fakeredis.FakeServer(), Clock())
+
+    return anyio.run(main)
+
+
+def limiter(
+    server: fakeredis.FakeServer,
+    clock: Clock,
+    *,
+    rpm: int = 0,
+    streams: int = 0,
+    stream_ttl_s: int = 600,
+    network_delay_s: float = 0.0,
+) -> RateLimiter:
+    redis = fakeredis.FakeAsyncRedis(server=server, decode_responses=True)
+    if network_delay_s:
+        # fakeredis answers without suspending; a real Redis reply takes a trip to the loop,
+        # which is where a cancelled task gets cancelled again.
+        zrem = redis.zrem
+
+        async def slow_zrem(name: str, *values: str) -> int:
+            await asyncio.sleep(network_delay_s)
+            return int(await zrem(name, *values))
+
+        setattr(redis, "zrem", slow_zrem)  # noqa: B010
+    return RateLimiter(
+        redis,
+        "mg",
+        requests_per_minute=rpm,
+        concurrent_streams=streams,
+        stream_ttl_s=stream_ttl_s,
+        clock=clock,
+    )
+
+
+async def all_keys_have_ttl(server: fakeredis.FakeServer) -> list[str]:
+    redis = fakeredis.FakeAsyncRedis(server=server, decode_responses=True)
+    keys = sorted(str(k) for k in await redis.keys("*"))
+    for key in keys:
+        assert await redis.pttl(key) > 0, key
+    return keys
+
+
+# --- requests per minute -----------------------------------------------------------------------
+
+
+def test_the_request_over_the_limit_waits_for_the_window() -> None:
+    async def go(server: fakeredis.FakeServer, clock: Clock) -> None:
+        rl = limiter(server, clock, rpm=3)
+        for dt in (0.0, 10.0, 20.0):
+            clock.now = T0 + dt
+            await rl.hit(ALICE)
+        clock.now = T0 + 30.0
+        with pytest.raises(RateLimited) as err:
+            await rl.hit(ALICE)
+        assert err.value.limit == "requests_per_minute"
+        assert err.value.retry_after_s == 30  # the first request leaves the window at T0+60
+        assert "3 requests per minute" in err.value.message
+        clock.now = T0 + 59.5
+        with pytest.raises(RateLimited) as err:
+            await rl.hit(ALICE)
+        assert err.value.retry_after_s == 1  # never 0
+        await rl.hit(BOB)  # another key has its own window
+        clock.now = T0 + 60.0
+        await rl.hit(ALICE)  # the first request left; the refused ones were not counted
+        with pytest.raises(RateLimited) as err:
+            await rl.hit(ALICE)
+        assert err.value.retry_after_s == 10  # now the T0+10 request is the one to wait for
+
+    run(go)
+
+
+def test_two_gateways_share_the_count() -> None:
+    async def go(server: fakeredis.FakeServer, clock: Clock) -> None:
+        a, b = limiter(server, clock, rpm=4), limiter(server, clock, rpm=4)
+        await a.hit(ALICE)
+        await b.hit(ALICE)
+        await asyncio.gather(a.hit(ALICE), b.hit(ALICE))
+        for gw in (a, b):
+            with pytest.raises(RateLimited) as err:
+                await gw.hit(ALICE)
+            assert 1 <= err.value.retry_after_s <= 60
+
+    run(go)
+
+
+def test_concurrent_hits_never_exceed_the_limit() -> None:
+    async def go(server: fakeredis.FakeServer, clock: Clock) -> None:
+        gateways = [limiter(server, clock, rpm=10) for _ in range(3)]
+        results = await asyncio.gather(
+            *(gateways[n % 3].hit(ALICE) for n in range(30)), return_exceptions=True
+        )
+        assert sum(r is None for r in results) == 10
+        assert all(isinstance(r, RateLimited) for r in results if r is not None)
+
+    run(go)
+
+
+# --- concurrent streams ------------------------------------------------------------------------
+
+
+def test_the_stream_over_the_limit_is_refused_until_one_ends() -> None:
+    async def go(server: fakeredis.FakeServer, clock: Clock) -> None:
+        a, b = limiter(server, clock, streams=2), limiter(server, clock, streams=2)
+        async with a.stream(ALICE):
+            async with b.stream(ALICE):
+                with pytest.raises(RateLimited) as err:
+                    async with a.stream(ALICE):
+                        pytest.fail("a third stream ran")
+                assert err.value.limit == "concurrent_streams"
+                assert 1 <= err.value.retry_after_s <= 5
+                async with a.stream(BOB):
+                    pass
+                assert await all_keys_have_ttl(server) == [f"mg:rl:{owner_tag(ALICE)}:streams"]
+            async with b.stream(ALICE):  # the inner one ended: its slot is free
+                pass
+        assert await all_keys_have_ttl(server) == []  # released slots leave nothing behind
+
+    run(go)
+
+
+def test_an_exception_in_the_block_frees_the_slot() -> None:
+    async def go(server: fakeredis.FakeServer, clock: Clock) -> None:
+        rl = limiter(server, clock, streams=1)
+        with pytest.raises(RuntimeError):
+            async with rl.stream(ALICE):
+                raise RuntimeError("generation failed")
+        async with rl.stream(ALICE):
+            pass
+
+    run(go)
+
+
+def test_cancellation_frees_the_slot() -> None:
+    async def go(server: fakeredis.FakeServer, clock: Clock) -> None:
+        rl = limiter(server, clock, streams=1, network_delay_s=0.01)
+        started = asyncio.Event()
+
+        async def client() -> None:
+            async with rl.stream(ALICE):
+                started.set()
+                await asyncio.sleep(60)
+
+        task = asyncio.create_task(client())
+        await started.wait()
+        task.cancel()  # asyncio: the client disconnected
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        with anyio.move_on_after(0.05):  # anyio: cancellation that keeps cancelling
+            async with rl.stream(ALICE):
+                await anyio.sleep(60)
+        async with rl.stream(ALICE):
+            pass
+
+    run(go)
+
+
+def test_a_slot_of_a_dead_gateway_expires() -> None:
+    async def go(server: fakeredis.FakeServer, clock: Clock) -> None:
+        dead, alive = (
+            limiter(server, clock, streams=1, stream_ttl_s=300),
+            limiter(server, clock, streams=1, stream_ttl_s=300),
+        )
+        holder = dead.stream(ALICE)
+        await holder.__aenter__()  # and never exits: the process died mid-stream
+        clock.now = T0 + 100
+        with pytest.raises(RateLimited) as err:
+            async with alive.stream(ALICE):
+                pass
+        assert err.value.retry_after_s == 5  # capped: streams usually end well before the TTL
+        clock.now = T0 + 299
+        with pytest.raises(RateLimited) as err:
+            async with alive.stream(ALICE):
+                pass
+        assert err.value.retry_after_s == 1
+        clock.now = T0 + 300
+        async with alive.stream(ALICE):
+            pass
+
+    run(go)
+
+
+# --- both --------------------------------------------------------------------------------------
+
+
+def test_zero_disables_and_keys_are_opaque_with_ttls() -> None:
+    async def go(server: fakeredis.FakeServer, clock: Clock) -> None:
+        off = limiter(server, clock, rpm=0, streams=0)
+        for _ in range(1000):
+            await off.hit(ALICE)
+        async with off.stream(ALICE), off.stream(ALICE):
+            pass
+        assert await all_keys_have_ttl(server) == []
+
+        on = limiter(server, clock, rpm=5, streams=2, stream_ttl_s=900)
+        await on.hit(ALICE)
+        async with on.stream(ALICE), on.stream(ALICE):
+            keys = await all_keys_have_ttl(server)
+            assert keys == [f"mg:rl:{owner_tag(ALICE)}:{k}" for k in ("rpm", "streams")]
+            assert not any("alice" in k for k in keys)
+            redis = fakeredis.FakeAsyncRedis(server=server, decode_responses=True)
+            assert 59_000 < await redis.pttl(keys[0]) <= 60_000
+            assert 899_000 < await redis.pttl(keys[1]) <= 900_000
+
+    run(go)
+
+
+def test_bad_settings_are_refused() -> None:
+    server, clock = fakeredis.FakeServer(), Clock()
+    with pytest.raises(ValueError):
+        limiter(server, clock, rpm=-1)
+    with pytest.raises(ValueError):
+        limiter(server, clock, streams=1, stream_ttl_s=0)
