@@ -101,7 +101,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         )
         chat = ChatService(
             jobs,
-            ConversationStore(redis, keys),
+            ConversationStore(redis, keys, ttl_s=settings.conversation_ttl_s),
             queue_timeout_s=settings.gateway_queue_timeout_s,
             max_images=settings.gateway_max_images,
             turn_ttl_s=settings.turn_ttl_s,

@@ -113,6 +113,7 @@ class ChatService:
             history = [store.message(m) for m in earlier]
             if ref is not None:
                 history = await self.conversations.history(principal.user_id, ref.conversation_id)
+                await self.conversations.add_job(principal.user_id, ref.conversation_id, job_id)
             messages: list[ChatMessage] = []
             if system:
                 messages.append(ChatMessage(role="system", content=[TextPart(text=system)]))

@@ -30,9 +30,10 @@ class ConversationSummary(BaseModel):
 
 
 class ConversationStore:
-    def __init__(self, redis: Redis, keys: Keys) -> None:
+    def __init__(self, redis: Redis, keys: Keys, *, ttl_s: int) -> None:
         self._redis = redis
         self._keys = keys
+        self._ttl_s = ttl_s
         self._release = redis.register_script(_RELEASE)
 
     async def history(self, user_id: str, conversation_id: str) -> list[ChatMessage]:
@@ -42,6 +43,14 @@ class ConversationStore:
     async def lock(self, user_id: str, conversation_id: str, job_id: str, ttl_s: int) -> bool:
         key = self._keys.conversation_lock(user_id, conversation_id)
         return bool(await self._redis.set(key, job_id, nx=True, ex=ttl_s))
+
+    async def add_job(self, user_id: str, conversation_id: str, job_id: str) -> None:
+        """Remember the job, so erasing the conversation also erases the job's event log."""
+        key = self._keys.conversation_jobs(user_id, conversation_id)
+        pipe = self._redis.pipeline(transaction=True)
+        pipe.sadd(key, job_id)
+        pipe.expire(key, self._ttl_s)
+        await pipe.execute()
 
     async def unlock(self, user_id: str, conversation_id: str, job_id: str) -> None:
         key = self._keys.conversation_lock(user_id, conversation_id)
@@ -66,9 +75,15 @@ class ConversationStore:
         ]
 
     async def delete(self, user_id: str, conversation_id: str) -> bool:
+        """Erase the conversation and every trace of its jobs (event logs, records)."""
         key = self._keys.conversation(user_id, conversation_id)
+        jobs_key = self._keys.conversation_jobs(user_id, conversation_id)
+        job_ids = cast(set[str], await self._redis.smembers(jobs_key))
         pipe = self._redis.pipeline(transaction=True)
         pipe.delete(key)
         pipe.zrem(self._keys.conversations(user_id), conversation_id)
-        deleted, _ = await pipe.execute()
+        pipe.delete(jobs_key)
+        for job_id in job_ids:
+            pipe.delete(*self._keys.job_keys(job_id))
+        deleted = (await pipe.execute())[0]
         return bool(deleted)

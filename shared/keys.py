@@ -18,6 +18,7 @@ key                                       type        what
 ``{p}:worker:{worker_id}``                string      that worker's last heartbeat (TTL)
 ``{p}:conv:{owner}:{conversation_id}``    list        the conversation's messages (JSON, TTL)
 ``{p}:conv:{owner}:{conversation_id}:lock``  string   job id of the turn in progress (TTL)
+``{p}:conv:{owner}:{cid}:jobs``           set         the conversation's job ids (for erasure, TTL)
 ``{p}:convs:{owner}``                     zset        conversation ids of one owner by last use
 ========================================  ==========  =============================================
 
@@ -77,6 +78,14 @@ class Keys:
 
     def conversation_lock(self, user_id: str, conversation_id: str) -> str:
         return f"{self.conversation(user_id, conversation_id)}:lock"
+
+    def conversation_jobs(self, user_id: str, conversation_id: str) -> str:
+        return f"{self.conversation(user_id, conversation_id)}:jobs"
+
+    def job_keys(self, job_id: str) -> list[str]:
+        """Every per-job key that may hold data, for erasure."""
+        base = f"{self.prefix}:job:{job_id}"
+        return [f"{base}:{s}" for s in ("log", "meta", "payload", "claim", "cancel", "watchers")]
 
     def conversations(self, user_id: str) -> str:
         return f"{self.prefix}:convs:{owner_tag(user_id)}"

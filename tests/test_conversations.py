@@ -58,7 +58,7 @@ def run_store(server: fakeredis.FakeServer, fn: Callable[[ConversationStore], Aw
     async def main() -> T:
         redis = fakeredis.FakeAsyncRedis(server=server, decode_responses=True)
         try:
-            return await fn(ConversationStore(redis, Keys()))
+            return await fn(ConversationStore(redis, Keys(), ttl_s=3600))
         finally:
             await redis.aclose()
 

@@ -235,3 +235,21 @@ def test_readyz_reports_workers(stack: Stack) -> None:
         r = c.get("/readyz")
     assert r.status_code == 200
     assert r.json()["models"]["tiny-gemma"] >= 1 and r.json()["redis"] is True
+
+
+def test_erasing_a_conversation_erases_its_jobs_event_logs(stack: Stack) -> None:
+    from redis import Redis
+
+    from shared.keys import Keys
+
+    redis = Redis.from_url(stack.redis_url, decode_responses=True)
+    with stack.client() as c:
+        r = c.post(
+            "/medgemma", json={**ask("erase me"), "stream": False, "conversation_id": "to-erase"}
+        )
+        job_id = r.headers["x-job-id"]
+        assert redis.exists(Keys().job_log(job_id)) == 1  # the answer's text is in the log
+        assert c.delete("/conversations/to-erase").status_code == 204
+    leftovers = [k for k in Keys().job_keys(job_id) if redis.exists(k)]
+    assert leftovers == []
+    assert list(redis.scan_iter("mg:conv:*:to-erase*")) == []
