@@ -26,12 +26,13 @@ from gateway.errors import APIError
 from gateway.images import RawImage
 from gateway.relay import Event, Relay, RelayUnavailable, Subscription
 from shared.errors import ErrorCode, ErrorInfo
-from shared.keys import Keys
+from shared.keys import MAX_HANDOVERS, Keys
 from shared.protocol import GENERATE_TASK, ErrorEvent, Job, JobMeta
 
 logger = logging.getLogger(__name__)
 
 REPORT_GRACE_S = 5.0
+LEASE_CHECK_S = 1.0  # how often a silent job's lease is looked at
 
 
 def unavailable(message: str) -> APIError:
@@ -50,6 +51,7 @@ class JobService:
         idle_timeout_s: float,
         job_ttl_s: int,
         resume_grace_s: float,
+        queues: dict[str, str] | None = None,
     ) -> None:
         self._redis = redis
         self._relay = relay
@@ -60,6 +62,8 @@ class JobService:
         self._job_ttl_s = job_ttl_s
         self.resume_grace_s = resume_grace_s
         self._pending: set[asyncio.Task[None]] = set()
+        self._queues: dict[str, str] = dict(queues or {})
+        self._handover_wait_s = 30.0
 
     # -- job records, cancellation, watchers -------------------------------------------------
 
@@ -113,11 +117,14 @@ class JobService:
         for task in list(self._pending):
             task.cancel()
 
-    async def live_workers(self, model: str) -> int:
+    async def live_workers(self, model: str, *, besides: str | None = None) -> int:
+        """Workers serving ``model`` with a fresh heartbeat (not counting ``besides``)."""
         now = time.time()
-        return int(
-            await self._redis.zcount(self._keys.workers(model), now - self._heartbeat_ttl_s, "+inf")
-        )
+        key = self._keys.workers(model)
+        if besides is None:
+            return int(await self._redis.zcount(key, now - self._heartbeat_ttl_s, "+inf"))
+        ids = await self._redis.zrangebyscore(key, now - self._heartbeat_ttl_s, "+inf")
+        return sum(1 for i in ids if i != besides)
 
     def image_key(self, job_id: str, n: int) -> str:
         return self._keys.job_image(job_id, n)
@@ -157,6 +164,9 @@ class JobService:
                     headers={"Retry-After": "10"},
                 )
             async with self._relay.subscribe(job.job_id) as sub:
+                await self._redis.set(
+                    self._keys.job_payload(job.job_id), job.model_dump_json(), ex=self._job_ttl_s
+                )
                 await anyio.to_thread.run_sync(self._send, job, queue)
                 logger.info("job %s enqueued on %s", job.job_id, queue)
                 yield sub
@@ -184,38 +194,100 @@ class JobService:
     async def follow(
         self, sub: Subscription, job_id: str, *, first_timeout_s: float, after_seq: int = 0
     ) -> AsyncIterator[Event]:
-        """The job's events; a synthetic error event ends the stream if the job stalls."""
-        first_timeout = first_timeout_s if after_seq == 0 else self._idle_timeout_s
+        """The job's events, supervising the job while waiting for them.
+
+        Every ``LEASE_CHECK_S`` of silence the job's claim is looked at: held by a worker
+        (running: wait, up to the idle timeout), absent and never seen (still queued: wait, up
+        to the start deadline), or lapsed after it was seen (the worker died: hand the job
+        over to another worker, which continues from the text already sent). A synthetic
+        error event ends the stream when the job cannot go on."""
         last = after_seq
-        try:
-            async for event in self._relay.events(
-                sub,
-                after_seq=after_seq,
-                first_timeout_s=first_timeout,
-                idle_timeout_s=self._idle_timeout_s,
-            ):
-                last = event.seq
-                yield event
-        except TimeoutError:
-            started = last > 0
-            logger.warning(
-                "job %s timed out (%s)", job_id, "stalled" if started else "never started"
-            )
-            yield _error(
-                job_id,
-                last + 1,
-                ErrorCode.WORKER_TIMEOUT,
-                "The worker stopped responding in the middle of this answer."
-                if started
-                else "No worker started this request in time. Try again later.",
-            )
-        except RelayUnavailable:
-            yield _error(
-                job_id,
-                last + 1,
-                ErrorCode.REDIS_UNAVAILABLE,
-                "The connection to the job queue was lost; the answer cannot continue.",
-            )
+        now = time.monotonic()
+        last_event_at = now
+        deadline = now + (first_timeout_s if after_seq == 0 else self._idle_timeout_s)
+        claimed = after_seq > 0
+        owner: str | None = None  # the worker last seen holding the job
+        progressing = after_seq > 0  # tokens flow: silence is bounded by the idle timeout
+        while True:
+            try:
+                async for event in self._relay.events(
+                    sub, after_seq=last, first_timeout_s=LEASE_CHECK_S, idle_timeout_s=LEASE_CHECK_S
+                ):
+                    last, last_event_at, claimed = event.seq, time.monotonic(), True
+                    progressing = True
+                    yield event
+                return  # events() ends after a terminal event
+            except RelayUnavailable:
+                yield _error(
+                    job_id,
+                    last + 1,
+                    ErrorCode.REDIS_UNAVAILABLE,
+                    "The connection to the job queue was lost; the answer cannot continue.",
+                )
+                return
+            except TimeoutError:
+                pass
+            now = time.monotonic()
+            try:
+                claim = await self._redis.get(self._keys.job_claim(job_id))
+            except (RedisError, OSError):
+                claim = "?"  # the relay reports the outage
+            if claim is not None:  # a worker holds it (or it just finished)
+                claimed = True
+                owner = str(claim)
+                # Before the first token (queue wait, prefill) the start deadline bounds the
+                # wait; once tokens flow, the idle timeout does.
+                if (progressing and now - last_event_at > self._idle_timeout_s) or (
+                    not progressing and now > deadline
+                ):
+                    logger.warning("job %s stalled", job_id)
+                    yield _error(
+                        job_id,
+                        last + 1,
+                        ErrorCode.WORKER_TIMEOUT,
+                        "The worker stopped responding in the middle of this answer.",
+                    )
+                    return
+            elif claimed or last > 0:
+                problem = await self._hand_over(job_id, owner)
+                if problem is not None:
+                    yield _error(job_id, last + 1, ErrorCode.WORKER_LOST, problem)
+                    return
+                claimed = progressing = False
+                last_event_at = now
+                deadline = now + self._handover_wait_s
+            elif now > deadline:
+                logger.warning("job %s never started", job_id)
+                yield _error(
+                    job_id,
+                    last + 1,
+                    ErrorCode.WORKER_TIMEOUT,
+                    "No worker started this request in time. Try again later.",
+                )
+                return
+
+    async def _hand_over(self, job_id: str, lost: str | None) -> str | None:
+        """Re-enqueue a job whose worker was lost. Returns why it cannot go on, or None."""
+        raw = await self._redis.get(self._keys.job_payload(job_id))
+        if raw is None:
+            return "The worker running this answer was lost and the job has expired."
+        job = Job.model_validate_json(raw)
+        n = job.handover + 1
+        if n > MAX_HANDOVERS:
+            return "The answer failed on several workers in a row; try again later."
+        if await self.live_workers(job.model, besides=lost) == 0:
+            return "The worker running this answer was lost and no other worker serves this model."
+        guard = self._keys.job_handover(job_id, n)
+        if not await self._redis.set(guard, "1", nx=True, ex=self._job_ttl_s):
+            return None  # another gateway process already handed it over
+        wait = job.start_deadline - job.enqueued_at
+        moved = job.model_copy(update={"handover": n, "start_deadline": time.time() + wait})
+        await self._redis.set(
+            self._keys.job_payload(job_id), moved.model_dump_json(), ex=self._job_ttl_s
+        )
+        await anyio.to_thread.run_sync(self._send, moved, self._queues.get(job.model, job.model))
+        logger.warning("job %s: worker lost; handed over (attempt %d)", job_id, n)
+        return None
 
 
 def _error(job_id: str, seq: int, code: ErrorCode, message: str) -> ErrorEvent:

@@ -37,6 +37,7 @@ class ErrorCode(StrEnum):
     REDIS_UNAVAILABLE = "redis_unavailable"
     # Job failures (mid-stream or in a non-stream error response)
     WORKER_TIMEOUT = "worker_timeout"
+    WORKER_LOST = "worker_lost"
     QUEUE_TIMEOUT = "queue_timeout"
     GENERATION_FAILED = "generation_failed"
     PROMPT_TOO_LONG = "prompt_too_long"

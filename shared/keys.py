@@ -9,6 +9,8 @@ key                                       type        what
 ``{p}:job:{job_id}:log``                  stream      the same events, kept for replay (TTL)
 ``{p}:job:{job_id}:claim``                string      the worker that runs the job (SET NX, TTL)
 ``{p}:job:{job_id}:meta``                 string      owner, API format and outcome (JobMeta, TTL)
+``{p}:job:{job_id}:payload``              string      the Job itself, to hand it over (TTL)
+``{p}:job:{job_id}:handover:{n}``         string      guard: the n-th handover was sent (TTL)
 ``{p}:job:{job_id}:cancel``               string      set when the job is cancelled (TTL)
 ``{p}:job:{job_id}:watchers``             string      open SSE streams of the job (TTL)
 ``{p}:cancel``                            channel     job ids to cancel, heard by every worker
@@ -29,6 +31,8 @@ conversation id cannot collide with another user's.
 from __future__ import annotations
 
 import hashlib
+
+MAX_HANDOVERS = 2  # how many times a job may move to another worker after a worker died
 
 
 def owner_tag(user_id: str) -> str:
@@ -53,6 +57,12 @@ class Keys:
 
     def job_meta(self, job_id: str) -> str:
         return f"{self.prefix}:job:{job_id}:meta"
+
+    def job_payload(self, job_id: str) -> str:
+        return f"{self.prefix}:job:{job_id}:payload"
+
+    def job_handover(self, job_id: str, n: int) -> str:
+        return f"{self.prefix}:job:{job_id}:handover:{n}"
 
     def job_cancel(self, job_id: str) -> str:
         return f"{self.prefix}:job:{job_id}:cancel"
@@ -85,7 +95,9 @@ class Keys:
     def job_keys(self, job_id: str) -> list[str]:
         """Every per-job key that may hold data, for erasure."""
         base = f"{self.prefix}:job:{job_id}"
-        return [f"{base}:{s}" for s in ("log", "meta", "payload", "claim", "cancel", "watchers")]
+        return [
+            f"{base}:{s}" for s in ("log", "meta", "payload", "claim", "cancel", "watchers")
+        ] + [f"{base}:handover:{n}" for n in range(1, MAX_HANDOVERS + 1)]
 
     def conversations(self, user_id: str) -> str:
         return f"{self.prefix}:convs:{owner_tag(user_id)}"

@@ -117,6 +117,12 @@ class Job(_Message):
         description="Unix time after which a worker must not start the job: nobody waits for "
         "it any more. The worker answers with an error event instead."
     )
+    handover: int = Field(
+        default=0,
+        ge=0,
+        description="0 for the first run; n when re-enqueued after the n-th worker running it "
+        "was lost. The new worker continues from the text already in the job's event log.",
+    )
 
 
 # --- events -----------------------------------------------------------------------------------

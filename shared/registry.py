@@ -94,6 +94,7 @@ class Serving(BaseModel):
         "measure the gateway and queue alone. Never use it for real traffic.",
     )
     loadtest_tokens_per_s: float = Field(default=50.0, gt=0)
+    loadtest_first_token_s: float = Field(default=0.0, ge=0, description="Simulated prefill.")
     default_system_message: str | None = Field(
         default=None,
         description="System prompt used when a request sends none (the verbosity instruction "

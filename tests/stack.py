@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +17,7 @@ from typing import Any
 
 import httpx
 from httpx_sse import ServerSentEvent, connect_sse
+from redis import Redis
 
 from devstack.processes import (
     Proc,
@@ -23,6 +25,7 @@ from devstack.processes import (
     start_gateway,
     start_redis,
     start_worker,
+    wait_for,
     wait_ready,
 )
 
@@ -73,6 +76,15 @@ def write_registry(dest: Path, tiny_dir: Path) -> Path:
         {**tiny_entry("secret-model", str(tiny_dir)), "admin": True},
         # The load-test engine: 20 tokens/s, no model; long, predictable generations.
         tiny_entry(
+            "slow-start-model",
+            "unused",
+            engine="loadtest",
+            loadtest_tokens_per_s=20,
+            loadtest_first_token_s=3.0,
+            max_new_tokens=20,
+            context_length=4096,
+        ),
+        tiny_entry(
             "slow-model",
             "unused",
             engine="loadtest",
@@ -108,6 +120,10 @@ class Stack:
         proc = start_worker({**self.env, "WORKER_MODEL": model, **env}, log)
         self.procs.append(proc)
         wait_ready(self.port, model, 180, proc)
+        # Other workers may already serve the model: wait for this one's own heartbeat.
+        redis = Redis.from_url(self.redis_url)
+        key = f"mg:worker:{socket.gethostname()}-{proc.popen.pid}"
+        wait_for(lambda: bool(redis.exists(key)), 180, f"worker {model} to announce itself", proc)
         return proc
 
     def logs(self) -> str:
@@ -139,7 +155,7 @@ def start_stack(workdir: Path, tiny_dir: Path, *, workers: int = 1) -> Stack:
         "GATEWAY_MAX_CONCURRENT_STREAMS": "100",
         "GATEWAY_AUDIT_LOG": str(workdir / "audit.jsonl"),
         "HEARTBEAT_INTERVAL_S": "0.5",
-        "HEARTBEAT_TTL_S": "2",
+        "HEARTBEAT_TTL_S": "5",
         "WORKER_DEVICE": "cpu",
         "HF_HUB_OFFLINE": "1",
         "TOKENIZERS_PARALLELISM": "false",

@@ -179,3 +179,75 @@ def test_every_chat_response_carries_its_job_id(stack: Stack, slow_worker: Proc)
         )
     assert a.headers["x-job-id"] and b.headers["x-job-id"]
     assert b.json()["id"] == f"chatcmpl-{b.headers['x-job-id']}"
+
+
+def _worker_running(stack: Stack, job_id: str, workers: list[Proc]) -> Proc:
+    """The worker process that holds the job's claim (worker ids end with the pid)."""
+    redis = Redis.from_url(stack.redis_url, decode_responses=True)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        owner = redis.get(Keys().job_claim(job_id))
+        for w in workers:
+            if owner and owner.endswith(f"-{w.popen.pid}"):
+                return w
+        time.sleep(0.05)
+    raise AssertionError("no worker claimed the job")
+
+
+@pytest.mark.parametrize(
+    ("model", "kill_after_tokens"), [("slow-model", 5), ("slow-start-model", 0)]
+)
+def test_sigkill_of_a_worker_hands_the_job_over(
+    stack: Stack, model: str, kill_after_tokens: int
+) -> None:
+    """A worker killed mid-answer (or before its first token): a second worker continues
+    and the client sees one continuous stream, no gap, no duplicate text."""
+    workers = [stack.add_worker(model), stack.add_worker(model)]
+    try:
+        seen: list[tuple[int, str, str]] = []
+        killed = False
+        with (
+            stack.client() as c,
+            connect_sse(
+                c, "POST", "/medgemma", json=ask("keep going", model=model, verbosity=0)
+            ) as src,
+        ):
+            job_id = src.response.headers["x-job-id"]
+            victim = _worker_running(stack, job_id, [p for p in stack.procs if p.alive])
+            if kill_after_tokens == 0:
+                victim.popen.kill()  # during the simulated prefill: no token was sent
+                killed = True
+            for e in src.iter_sse():
+                seen.append((int(e.id), e.event, e.data))
+                if not killed and len(seen) == kill_after_tokens:
+                    victim.popen.kill()
+                    killed = True
+        assert killed
+        ids = [i for i, _, _ in seen]
+        assert ids == list(range(1, len(ids) + 1))
+        assert seen[-1][1] == "done", seen[-1]
+        done = json.loads(seen[-1][2])
+        n = done["usage"]["completion_tokens"]
+        text = "".join(json.loads(d)["text"] for _, ev, d in seen if ev == "token")
+        assert text == "".join(f"tok{i} " for i in range(n))
+        assert done["finish_reason"] == "length"
+    finally:
+        for w in workers:
+            w.stop()
+
+
+def test_sigkill_with_no_other_worker_ends_in_an_error_within_10s(stack: Stack) -> None:
+    worker = stack.add_worker("slow-start-model")
+    with (
+        stack.client() as c,
+        connect_sse(
+            c, "POST", "/medgemma", json=ask("anyone there?", model="slow-start-model")
+        ) as src,
+    ):
+        job_id = src.response.headers["x-job-id"]
+        _worker_running(stack, job_id, [worker]).popen.kill()
+        killed_at = time.monotonic()
+        events = list(src.iter_sse())
+    assert events[-1].event == "error"
+    assert json.loads(events[-1].data)["error"]["code"] == "worker_lost"
+    assert time.monotonic() - killed_at < 10

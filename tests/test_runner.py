@@ -151,7 +151,7 @@ def test_job_streams_tokens_then_done(
     assert done.finish_reason == "length"
     assert done.disclaimer == entry.disclaimer
     assert 0 < redis.ttl(KEYS.job_log(job.job_id)) <= JOB_TTL_S
-    assert redis.get(KEYS.job_claim(job.job_id)) == "w-test"
+    assert redis.get(KEYS.job_claim(job.job_id)) == "done:w-test"  # never runs again
     assert 0 < redis.ttl(KEYS.job_claim(job.job_id)) <= CONFIG.claim_ttl_s
 
 

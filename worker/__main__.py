@@ -26,6 +26,7 @@ from worker.cancel import CancelWatcher
 from worker.celery_app import create_celery
 from worker.engine import Engine, GenerationEngine
 from worker.heartbeat import Heartbeat
+from worker.lease import LeaseKeeper
 from worker.loader import ModelLoadError, hf_token_from_env, load_model
 from worker.loadtest import LoadTestEngine
 from worker.runner import JobRunner, RunnerConfig
@@ -74,7 +75,9 @@ def main() -> int:
         logger.warning(
             "%s uses the LOAD-TEST engine: no model, fixed-rate tokens", entry.model_name
         )
-        engine = LoadTestEngine(entry.serving.loadtest_tokens_per_s)
+        engine = LoadTestEngine(
+            entry.serving.loadtest_tokens_per_s, first_token_s=entry.serving.loadtest_first_token_s
+        )
     else:
         try:
             loaded = load_model(
@@ -92,6 +95,13 @@ def main() -> int:
     redis = Redis.from_url(settings.redis_url, decode_responses=True, health_check_interval=30)
     keys = Keys(settings.key_prefix)
     cancels = CancelWatcher(redis, keys)
+    leases = LeaseKeeper(
+        redis,
+        keys,
+        settings.worker_id,
+        ttl_s=settings.worker_lease_ttl_s,
+        done_ttl_s=settings.job_ttl_s,
+    )
     blobs = Redis.from_url(settings.redis_url, health_check_interval=30)
     runner = JobRunner(
         redis,
@@ -103,9 +113,10 @@ def main() -> int:
             worker_id=settings.worker_id,
             job_ttl_s=settings.job_ttl_s,
             conversation_ttl_s=settings.conversation_ttl_s,
-            claim_ttl_s=settings.worker_claim_ttl_s,
+            claim_ttl_s=int(settings.worker_lease_ttl_s) + 1,
         ),
         cancels=cancels,
+        leases=leases,
     )
     started = time.time()
 
@@ -133,6 +144,7 @@ def main() -> int:
 
     def on_ready(**_: Any) -> None:
         cancels.start()
+        leases.start()
         heartbeat.start()
         logger.info(
             "worker %s serving %s on queue %s", settings.worker_id, entry.model_name, entry.queue
@@ -141,6 +153,7 @@ def main() -> int:
     def on_shutdown(**_: Any) -> None:
         heartbeat.stop()
         cancels.stop()
+        leases.stop()
 
     signals.worker_ready.connect(on_ready, weak=False)
     signals.worker_shutdown.connect(on_shutdown, weak=False)

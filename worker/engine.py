@@ -33,7 +33,7 @@ from PIL import Image
 from transformers import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
-from shared.protocol import ChatMessage, ImagePart, SamplingParams
+from shared.protocol import ChatMessage, ImagePart, SamplingParams, TextPart
 from worker.loader import LoadedModel
 
 logger = logging.getLogger(__name__)
@@ -56,6 +56,7 @@ class GenerationEngine(Protocol):
         on_text: Callable[[str], None],
         should_stop: Callable[[], bool] = ...,
         images: Mapping[str, Image.Image] | None = None,
+        continue_text: str = "",
     ) -> GenerationResult: ...
 
 
@@ -245,9 +246,12 @@ class Engine:
         chat = self._template_messages(messages, images)
         templater = self.loaded.processor if self.multimodal else self.loaded.tokenizer
         assert templater is not None
+        # A final assistant message is an answer to continue (a handed-over job).
+        cont = bool(messages) and messages[-1].role == "assistant"
         enc: Any = templater.apply_chat_template(
             chat,
-            add_generation_prompt=True,
+            add_generation_prompt=not cont,
+            continue_final_message=cont,
             tokenize=True,
             return_dict=True,
             return_tensors="pt",
@@ -291,10 +295,25 @@ class Engine:
         on_text: Callable[[str], None],
         should_stop: Callable[[], bool] = lambda: False,
         images: Mapping[str, Image.Image] | None = None,
+        continue_text: str = "",
     ) -> GenerationResult:
         """Run one generation; ``on_text`` gets each text delta as soon as it is printable.
 
-        ``images`` maps the key of each :class:`ImagePart` in ``messages`` to its image."""
+        ``images`` maps the key of each :class:`ImagePart` in ``messages`` to its image.
+        ``continue_text`` is an answer already sent by a worker that was lost: it is
+        prefilled as the start of the answer and generation goes on from it."""
+        done_tokens = 0
+        if continue_text:
+            messages = [
+                *messages,
+                ChatMessage(role="assistant", content=[TextPart(text=continue_text)]),
+            ]
+            done_tokens = len(
+                self.loaded.tokenizer(continue_text, add_special_tokens=False)["input_ids"]
+            )
+            sampling = sampling.model_copy(
+                update={"max_new_tokens": max(1, sampling.max_new_tokens - done_tokens)}
+            )
         prompt = self.build_prompt(messages, sampling.max_new_tokens, images)
         max_new = max(
             _MIN_ANSWER_TOKENS,
@@ -342,9 +361,9 @@ class Engine:
         first = None if streamer.first_token_at is None else streamer.first_token_at - started
         return GenerationResult(
             finish_reason=reason,
-            prompt_tokens=prompt.prompt_tokens,
-            completion_tokens=completion,
-            text=streamer.text,
+            prompt_tokens=prompt.prompt_tokens - done_tokens,
+            completion_tokens=completion + done_tokens,
+            text=continue_text + streamer.text,
             first_token_s=first,
             trimmed_messages=prompt.trimmed,
         )

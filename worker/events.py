@@ -28,12 +28,15 @@ PipelineHook = Callable[["Pipeline"], None]
 class EventPublisher:
     """Numbers and publishes the events of one job."""
 
-    def __init__(self, redis: Redis, keys: Keys, job_id: str, *, ttl_s: int) -> None:
+    def __init__(
+        self, redis: Redis, keys: Keys, job_id: str, *, ttl_s: int, start_seq: int = 0
+    ) -> None:
         self._redis = redis
         self._keys = keys
         self.job_id = job_id
         self._ttl_s = ttl_s
-        self.seq = 0
+        self.seq = start_seq  # a handed-over job continues the numbering
+        self.terminal_sent = False
         self.on_terminal: list[PipelineHook] = []  # run inside the done/error transaction
 
     def _next(self) -> int:
@@ -54,6 +57,8 @@ class EventPublisher:
                 hook(pipe)
         pipe.publish(self._keys.job_channel(self.job_id), payload)
         pipe.execute()
+        if event.type != "token":
+            self.terminal_sent = True
 
     def token(self, text: str) -> None:
         self.emit(TokenEvent(job_id=self.job_id, seq=self._next(), text=text))

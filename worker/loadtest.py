@@ -33,13 +33,15 @@ class LoadTestEngine:
         on_text: Callable[[str], None],
         should_stop: Callable[[], bool] = lambda: False,
         images: Mapping[str, Image.Image] | None = None,
+        continue_text: str = "",
     ) -> GenerationResult:
         prompt_tokens = sum(len(m.text.split()) + 4 for m in messages) + 16 * len(images or {})
         started = time.perf_counter()
         next_at = started + self.first_token_s
-        parts: list[str] = []
+        done = len(continue_text.split())  # a handed-over job goes on where it stopped
+        parts: list[str] = [continue_text] if continue_text else []
         reason = "length"
-        for i in range(sampling.max_new_tokens):
+        for i in range(done, sampling.max_new_tokens):
             if should_stop():
                 reason = "cancelled"
                 break
@@ -53,7 +55,7 @@ class LoadTestEngine:
         return GenerationResult(
             finish_reason=reason,  # type: ignore[arg-type]
             prompt_tokens=prompt_tokens,
-            completion_tokens=len(parts),
+            completion_tokens=len("".join(parts).split()),
             text="".join(parts),
             first_token_s=self.first_token_s,
         )

@@ -24,10 +24,11 @@ from typing import TYPE_CHECKING
 
 from PIL import Image
 from redis import Redis
+from redis.exceptions import RedisError
 
 from shared.errors import ErrorCode
 from shared.keys import Keys
-from shared.protocol import Job, Usage
+from shared.protocol import TERMINAL_TYPES, Job, TokenEvent, Usage, decode_event
 from shared.registry import ModelEntry
 from worker.cancel import CancelWatcher
 from worker.conversation import ConversationWriter
@@ -38,6 +39,7 @@ from worker.engine import (
     PromptTooLong,
 )
 from worker.events import EventPublisher
+from worker.lease import LeaseKeeper
 
 if TYPE_CHECKING:
     from redis.client import Pipeline
@@ -68,6 +70,7 @@ class JobRunner:
         config: RunnerConfig,
         *,
         cancels: CancelWatcher | None = None,
+        leases: LeaseKeeper | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._redis = redis
@@ -78,20 +81,28 @@ class JobRunner:
         self._config = config
         self._clock = clock
         self._cancels = cancels
+        # Without a running keeper (unit tests) claims simply last claim_ttl_s.
+        self._leases = leases or LeaseKeeper(
+            redis,
+            keys,
+            config.worker_id,
+            ttl_s=config.claim_ttl_s,
+            done_ttl_s=config.job_ttl_s,
+        )
         self._conversations = ConversationWriter(redis, keys, ttl_s=config.conversation_ttl_s)
         self.jobs_running = 0
 
     def run(self, job: Job) -> None:
-        claimed = self._redis.set(
-            self._keys.job_claim(job.job_id),
-            self._config.worker_id,
-            nx=True,
-            ex=self._config.claim_ttl_s,
-        )
-        if not claimed:
+        if not self._leases.acquire(job.job_id):
             logger.warning("job %s already claimed by another run; skipped", job.job_id)
             return
-        pub = EventPublisher(self._redis, self._keys, job.job_id, ttl_s=self._config.job_ttl_s)
+        sent, last_seq, ended = self._already_sent(job)
+        if ended:  # a duplicate of a job that finished: nothing to do
+            self._leases.release(job.job_id, finished=True)
+            return
+        pub = EventPublisher(
+            self._redis, self._keys, job.job_id, ttl_s=self._config.job_ttl_s, start_seq=last_seq
+        )
         ref = job.conversation
         if ref is not None:
             pub.on_terminal.append(lambda pipe: self._conversations.release(ref, job.job_id, pipe))
@@ -99,18 +110,38 @@ class JobRunner:
         if self._cancels is not None:
             self._cancels.begin(job.job_id)
         try:
-            self._run_claimed(job, pub)
+            self._run_claimed(job, pub, sent)
+        except (RedisError, OSError) as exc:
+            if not self._leases.lost(job.job_id):
+                raise
+            logger.info(
+                "job %s: stopped after losing its lease (%s)", job.job_id, type(exc).__name__
+            )
         finally:
             self.jobs_running -= 1
             if self._cancels is not None:
                 self._cancels.end(job.job_id)
-            image_keys = [p.key for m in job.messages for p in m.images]
-            if image_keys:
-                self._redis.delete(*image_keys)
-            if ref is not None:  # a safety net if no terminal event could be sent
-                self._conversations.release(ref, job.job_id)
+            handed_over = self._leases.lost(job.job_id) and not pub.terminal_sent
+            self._leases.release(job.job_id, finished=not handed_over)
+            if not handed_over:  # the next worker needs the images and the lock
+                image_keys = [p.key for m in job.messages for p in m.images]
+                if image_keys:
+                    self._redis.delete(*image_keys)
+                if ref is not None:  # a safety net if no terminal event could be sent
+                    self._conversations.release(ref, job.job_id)
 
-    def _run_claimed(self, job: Job, pub: EventPublisher) -> None:
+    def _already_sent(self, job: Job) -> tuple[str, int, bool]:
+        """For a handed-over job: the text already streamed, the last sequence number, and
+        whether the job already ended."""
+        if job.handover == 0:
+            return "", 0, False
+        rows = self._redis.xrange(self._keys.job_log(job.job_id))
+        events = [decode_event(fields["e"]) for _id, fields in rows]  # type: ignore[index,union-attr]
+        text = "".join(e.text for e in events if isinstance(e, TokenEvent))
+        ended = any(e.type in TERMINAL_TYPES for e in events)
+        return text, (events[-1].seq if events else 0), ended
+
+    def _run_claimed(self, job: Job, pub: EventPublisher, sent: str) -> None:
         waited = self._clock() - job.enqueued_at
         if self._clock() > job.start_deadline:
             logger.info("job %s dropped: waited %.1fs, past its start deadline", job.job_id, waited)
@@ -128,7 +159,12 @@ class JobRunner:
                 disclaimer=None,
             )
             return
-        logger.info("job %s started after %.3fs in queue", job.job_id, waited)
+        logger.info(
+            "job %s started after %.3fs in queue%s",
+            job.job_id,
+            waited,
+            f" (handover {job.handover}, continuing after {len(sent)} chars)" if sent else "",
+        )
         try:
             images = self._load_images(job)
         except _ImageGone:
@@ -146,8 +182,9 @@ class JobRunner:
                 job.messages,
                 job.sampling,
                 on_text=pub.token,
-                should_stop=lambda: self._is_cancelled(job.job_id),
+                should_stop=lambda: self._should_stop(job.job_id),
                 images=images,
+                continue_text=sent,
             )
         except PromptTooLong as exc:
             pub.error(ErrorCode.PROMPT_TOO_LONG, str(exc), type_="invalid_request_error")
@@ -155,7 +192,11 @@ class JobRunner:
         except ImagesNotSupported as exc:
             pub.error(ErrorCode.UNSUPPORTED_CAPABILITY, str(exc), type_="invalid_request_error")
             return
+        except (RedisError, OSError):
+            raise  # publishing failed: handled by run()
         except Exception as exc:  # noqa: BLE001 - any engine failure must end the stream
+            if self._leases.lost(job.job_id):
+                return
             logger.error("job %s failed in the engine: %s", job.job_id, type(exc).__name__)
             pub.error(
                 ErrorCode.GENERATION_FAILED,
@@ -163,7 +204,12 @@ class JobRunner:
                 "failing, tell the operators the job id.",
             )
             return
+        if self._leases.lost(job.job_id):
+            return  # another worker owns the job now; publish nothing more
         self._finish(job, pub, result)
+
+    def _should_stop(self, job_id: str) -> bool:
+        return self._is_cancelled(job_id) or self._leases.lost(job_id)
 
     def _is_cancelled(self, job_id: str) -> bool:
         return self._cancels is not None and self._cancels.is_cancelled(job_id)

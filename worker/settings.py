@@ -33,10 +33,11 @@ class WorkerSettings(CommonSettings):
     worker_id: str = Field(
         default_factory=_default_worker_id, description="Unique name of this worker."
     )
-    worker_claim_ttl_s: int = Field(
-        default=3600,
-        ge=10,
-        description="How long a worker's claim on a job lasts (no other worker may run it).",
+    worker_lease_ttl_s: float = Field(
+        default=3.0,
+        gt=0.5,
+        description="A worker's lease on a running job; renewed every second. If the worker "
+        "dies, its jobs are handed over to another worker once the lease lapses.",
     )
     worker_shutdown_grace_s: float = Field(
         default=120.0,
