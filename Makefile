@@ -7,7 +7,7 @@ PIP := $(PY) -m pip
 # `torch` requirement would pull a CUDA build of several GB. Never torchvision.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: venv demo test test-fast lint typecheck bench-overhead clean
+.PHONY: venv demo test test-fast lint typecheck bench-overhead clean browser-deps
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +19,18 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 venv: $(VENV)/.installed
+
+# The browser tests (tests/test_browser.py) drive Debian's chromium with the playwright
+# package (Playwright's own browser download is never used). Installing chromium needs root
+# and apt-get; .ci/run runs this before `make test`. Without chromium, outside CI, the browser
+# tests are skipped.
+browser-deps: venv
+	@if [ -x /usr/bin/chromium ]; then \
+		echo "browser-deps: $$(/usr/bin/chromium --version 2>/dev/null) is installed"; \
+	else \
+		apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y chromium; \
+	fi
+	$(PIP) install --quiet "playwright>=1.45"
 
 demo: venv
 	$(PY) -m devstack.demo

@@ -26,12 +26,14 @@ from gateway.errors import APIError, install_error_handlers
 from gateway.jobs import JobService
 from gateway.medgemma.router import router as medgemma_router
 from gateway.openai_api.router import router as openai_router
+from gateway.queueing import QueueBook
 from gateway.ratelimit import RateLimiter
 from gateway.relay import Relay
 from gateway.routes.conversations import router as conversations_router
 from gateway.routes.health import router as health_router
 from gateway.routes.jobs import router as jobs_router
 from gateway.routes.models import router as models_router
+from gateway.routes.page import router as page_router
 from gateway.settings import GatewaySettings
 from gateway.state import AppState
 from shared.celery_config import celery_options
@@ -98,6 +100,8 @@ def create_app(settings: GatewaySettings) -> FastAPI:
             idle_timeout_s=settings.gateway_idle_timeout_s,
             job_ttl_s=settings.job_ttl_s,
             resume_grace_s=settings.gateway_resume_grace_s,
+            queues={m.model_name: m.queue for m in registry.models},
+            book=QueueBook(redis, keys, queue_timeout_s=settings.gateway_queue_timeout_s),
         )
         chat = ChatService(
             jobs,
@@ -149,6 +153,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     app.include_router(openai_router)
     app.include_router(conversations_router)
     app.include_router(jobs_router)
+    app.include_router(page_router)
     app.add_middleware(BodyLimit, max_bytes=settings.gateway_max_body_bytes)
     app.add_middleware(AuditMiddleware, log=audit_log)
     if settings.gateway_cors_origins:

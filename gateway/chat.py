@@ -141,7 +141,7 @@ class ChatService:
                 enqueued_at=now,
                 start_deadline=now + self._queue_timeout_s,
             )
-            async with self.jobs.submit(job, entry.queue) as sub:
+            async with self.jobs.submit(job, entry.queue, max_queue=entry.serving.max_queue) as sub:
                 enqueued = True  # from now on the worker releases the lock
                 yield Turn(job=job, sub=sub, conversation_id=conversation_id)
         finally:

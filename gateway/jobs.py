@@ -24,13 +24,15 @@ from redis.exceptions import RedisError
 
 from gateway.errors import APIError
 from gateway.images import RawImage
+from gateway.queueing import QueueBook
 from gateway.relay import Event, Relay, RelayUnavailable, Subscription
 from shared.errors import ErrorCode, ErrorInfo
 from shared.keys import MAX_HANDOVERS, Keys
-from shared.protocol import GENERATE_TASK, ErrorEvent, Job, JobMeta
+from shared.protocol import GENERATE_TASK, ErrorEvent, Job, JobMeta, QueuedEvent
 
 logger = logging.getLogger(__name__)
 
+StreamEvent = Event | QueuedEvent  # what a client's stream carries
 REPORT_GRACE_S = 5.0
 LEASE_CHECK_S = 1.0  # how often a silent job's lease is looked at
 
@@ -52,6 +54,7 @@ class JobService:
         job_ttl_s: int,
         resume_grace_s: float,
         queues: dict[str, str] | None = None,
+        book: QueueBook,
     ) -> None:
         self._redis = redis
         self._relay = relay
@@ -63,6 +66,7 @@ class JobService:
         self.resume_grace_s = resume_grace_s
         self._pending: set[asyncio.Task[None]] = set()
         self._queues: dict[str, str] = dict(queues or {})
+        self.book = book
         self._handover_wait_s = 30.0
 
     # -- job records, cancellation, watchers -------------------------------------------------
@@ -152,8 +156,10 @@ class JobService:
         )
 
     @contextlib.asynccontextmanager
-    async def submit(self, job: Job, queue: str) -> AsyncIterator[Subscription]:
-        """Enqueue ``job`` with its subscription already live; the subscription ends on exit."""
+    async def submit(self, job: Job, queue: str, *, max_queue: int) -> AsyncIterator[Subscription]:
+        """Enqueue ``job`` with its subscription already live; the subscription ends on exit.
+
+        503 at once if no worker serves the model; 429 if its line is full."""
         try:
             if await self.live_workers(job.model) == 0:
                 raise APIError(
@@ -163,11 +169,16 @@ class JobService:
                     "it or pick another model (GET /models shows which are available).",
                     headers={"Retry-After": "10"},
                 )
+            await self.book.admit(job, max_queue)
             async with self._relay.subscribe(job.job_id) as sub:
                 await self._redis.set(
                     self._keys.job_payload(job.job_id), job.model_dump_json(), ex=self._job_ttl_s
                 )
-                await anyio.to_thread.run_sync(self._send, job, queue)
+                try:
+                    await anyio.to_thread.run_sync(self._send, job, queue)
+                except BaseException:
+                    await self.book.forget(job)
+                    raise
                 logger.info("job %s enqueued on %s", job.job_id, queue)
                 yield sub
         except (RedisError, OSError, TimeoutError) as exc:
@@ -193,7 +204,7 @@ class JobService:
 
     async def follow(
         self, sub: Subscription, job_id: str, *, first_timeout_s: float, after_seq: int = 0
-    ) -> AsyncIterator[Event]:
+    ) -> AsyncIterator[StreamEvent]:
         """The job's events, supervising the job while waiting for them.
 
         Every ``LEASE_CHECK_S`` of silence the job's claim is looked at: held by a worker
@@ -208,6 +219,8 @@ class JobService:
         claimed = after_seq > 0
         owner: str | None = None  # the worker last seen holding the job
         progressing = after_seq > 0  # tokens flow: silence is bounded by the idle timeout
+        model: str | None = None
+        place: tuple[int, float] | None = None
         while True:
             try:
                 async for event in self._relay.events(
@@ -256,7 +269,13 @@ class JobService:
                 claimed = progressing = False
                 last_event_at = now
                 deadline = now + self._handover_wait_s
-            elif now > deadline:
+            elif now <= deadline:
+                model = model or await self._model_of(job_id)
+                where = await self.book.position(model, job_id) if model else None
+                if where is not None and where != place:
+                    place = where
+                    yield QueuedEvent(job_id=job_id, position=where[0], eta_s=where[1])
+            else:
                 logger.warning("job %s never started", job_id)
                 yield _error(
                     job_id,
@@ -265,6 +284,10 @@ class JobService:
                     "No worker started this request in time. Try again later.",
                 )
                 return
+
+    async def _model_of(self, job_id: str) -> str | None:
+        meta = await self.meta(job_id)
+        return meta.model if meta else None
 
     async def _hand_over(self, job_id: str, lost: str | None) -> str | None:
         """Re-enqueue a job whose worker was lost. Returns why it cannot go on, or None."""
@@ -285,6 +308,7 @@ class JobService:
         await self._redis.set(
             self._keys.job_payload(job_id), moved.model_dump_json(), ex=self._job_ttl_s
         )
+        await self.book.book(moved)
         await anyio.to_thread.run_sync(self._send, moved, self._queues.get(job.model, job.model))
         logger.warning("job %s: worker lost; handed over (attempt %d)", job_id, n)
         return None

@@ -20,11 +20,11 @@ from starlette.background import BackgroundTask
 from gateway.audit import prompt_digest
 from gateway.auditing import AuditInfo
 from gateway.chat import ChatService
-from gateway.jobs import JobService
-from gateway.relay import Event, Subscription
-from shared.protocol import TERMINAL_TYPES, DoneEvent, ErrorEvent, Job, TokenEvent
+from gateway.jobs import JobService, StreamEvent
+from gateway.relay import Subscription
+from shared.protocol import TERMINAL_TYPES, DoneEvent, ErrorEvent, Job, QueuedEvent, TokenEvent
 
-Frames = Callable[[Event], Iterable[ServerSentEvent]]
+Frames = Callable[[StreamEvent], Iterable[ServerSentEvent]]
 
 
 class JobStream:
@@ -47,8 +47,8 @@ class JobStream:
         self._stack = stack
         self._first_timeout_s = first_timeout_s
         self._after_seq = after_seq
-        self._iter: AsyncIterator[Event] | None = None
-        self._first: asyncio.Future[Event] | None = None
+        self._iter: AsyncIterator[StreamEvent] | None = None
+        self._first: asyncio.Future[StreamEvent] | None = None
         self._audit = audit
 
     @classmethod
@@ -114,7 +114,7 @@ class JobStream:
     async def close(self) -> None:
         await self._stack.aclose()
 
-    def _events(self) -> AsyncIterator[Event]:
+    def _events(self) -> AsyncIterator[StreamEvent]:
         if self._iter is None:
             self._iter = self._jobs.follow(
                 self._sub,
@@ -141,7 +141,7 @@ class JobStream:
                 return event
         return None
 
-    def _note(self, event: Event) -> None:
+    def _note(self, event: StreamEvent) -> None:
         if self._audit is None:
             return
         if isinstance(event, DoneEvent):
@@ -151,7 +151,7 @@ class JobStream:
         elif isinstance(event, ErrorEvent):
             self._audit.outcome = f"error:{event.error.code}"
 
-    async def _all(self) -> AsyncIterator[Event]:
+    async def _all(self) -> AsyncIterator[StreamEvent]:
         if self._first is not None:
             event = await self._first
             self._note(event)
@@ -201,7 +201,7 @@ class JobStream:
             async for event in self._events():
                 if isinstance(event, TokenEvent):
                     parts.append(event.text)
-                else:
+                elif not isinstance(event, QueuedEvent):
                     self._note(event)
                     return "".join(parts), event
         finally:

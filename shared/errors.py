@@ -33,6 +33,7 @@ class ErrorCode(StrEnum):
     IMAGE_EXPIRED = "image_expired"
     # Capacity and availability
     MODEL_UNAVAILABLE = "model_unavailable"
+    QUEUE_FULL = "queue_full"
     RATE_LIMITED = "rate_limited"
     REDIS_UNAVAILABLE = "redis_unavailable"
     # Job failures (mid-stream or in a non-stream error response)

@@ -16,6 +16,8 @@ key                                       type        what
 ``{p}:cancel``                            channel     job ids to cancel, heard by every worker
 ``{p}:job:{job_id}:image:{n}``            string      bytes of the job's n-th image (TTL; deleted
                                                       by the worker when the job ends)
+``{p}:queue:{model}``                     zset        job ids waiting for a worker, by enqueue time
+``{p}:starts:{model}``                    zset        job ids started in the last minute
 ``{p}:workers:{model}``                   zset        worker ids by last heartbeat time
 ``{p}:worker:{worker_id}``                string      that worker's last heartbeat (TTL)
 ``{p}:conv:{owner}:{conversation_id}``    list        the conversation's messages (JSON, TTL)
@@ -79,6 +81,12 @@ class Keys:
 
     def workers(self, model: str) -> str:
         return f"{self.prefix}:workers:{model}"
+
+    def queue_book(self, model: str) -> str:
+        return f"{self.prefix}:queue:{model}"
+
+    def queue_starts(self, model: str) -> str:
+        return f"{self.prefix}:starts:{model}"
 
     def worker(self, worker_id: str) -> str:
         return f"{self.prefix}:worker:{worker_id}"

@@ -13,11 +13,12 @@ Every message has a version field ``v``. A change that old readers would misread
 
 from __future__ import annotations
 
-from typing import Annotated, Final, Literal
+from typing import Annotated, Any, Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
 from shared.errors import ErrorInfo
+from shared.keys import Keys
 
 PROTOCOL_VERSION: Final = 1
 GENERATE_TASK = "medgemma.generate"
@@ -159,6 +160,18 @@ class ErrorEvent(_Event):
     error: ErrorInfo
 
 
+class QueuedEvent(BaseModel):
+    """Made by the gateway (never logged, no sequence number) while a job waits for a worker:
+    its place in line and an estimated start, from the measured drain rate."""
+
+    model_config = ConfigDict(frozen=True)
+
+    type: Literal["queued"] = "queued"
+    job_id: str
+    position: int = Field(ge=1)
+    eta_s: float = Field(ge=0)
+
+
 JobEvent = Annotated[TokenEvent | DoneEvent | ErrorEvent, Field(discriminator="type")]
 TERMINAL_TYPES = frozenset({"done", "error"})
 
@@ -187,6 +200,19 @@ class JobMeta(_Message):
 
 
 # --- workers ----------------------------------------------------------------------------------
+
+
+QUEUE_WINDOW_S = 60.0  # the drain rate is measured over this window
+
+
+def record_start(pipe: Any, keys: Keys, model: str, job_id: str, now: float) -> None:
+    """Queue the commands a worker runs when it takes a job: it leaves the line and counts
+    towards the model's drain rate."""
+    pipe.zrem(keys.queue_book(model), job_id)
+    starts = keys.queue_starts(model)
+    pipe.zadd(starts, {job_id: now})
+    pipe.zremrangebyscore(starts, "-inf", now - QUEUE_WINDOW_S)
+    pipe.expire(starts, int(QUEUE_WINDOW_S * 2))
 
 
 class WorkerHeartbeat(_Message):

@@ -88,6 +88,9 @@ class Serving(BaseModel):
         default=None, description="Celery queue; defaults to the model's name."
     )
     max_new_tokens: int = Field(default=512, ge=1)
+    max_queue: int = Field(
+        default=32, ge=1, description="Jobs that may wait for this model; past it: 429."
+    )
     engine: Literal["transformers", "loadtest"] = Field(
         default="transformers",
         description="'loadtest' emits tokens at loadtest_tokens_per_s with no model, to "

@@ -85,6 +85,15 @@ def write_registry(dest: Path, tiny_dir: Path) -> Path:
             context_length=4096,
         ),
         tiny_entry(
+            "queue-model",
+            "unused",
+            engine="loadtest",
+            loadtest_tokens_per_s=20,
+            max_new_tokens=60,
+            max_queue=2,
+            context_length=4096,
+        ),
+        tiny_entry(
             "slow-model",
             "unused",
             engine="loadtest",

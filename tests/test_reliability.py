@@ -251,3 +251,42 @@ def test_sigkill_with_no_other_worker_ends_in_an_error_within_10s(stack: Stack) 
     assert events[-1].event == "error"
     assert json.loads(events[-1].data)["error"]["code"] == "worker_lost"
     assert time.monotonic() - killed_at < 10
+
+
+def test_a_full_line_says_429_with_retry_after_and_waiters_see_their_place(
+    stack: Stack,
+) -> None:
+    """queue-model: one worker, 3 s per answer, at most 2 waiting."""
+    worker = stack.add_worker("queue-model")
+    results: dict[str, list[tuple[str, str]]] = {}
+
+    def stream(name: str) -> None:
+        with (
+            stack.client() as c,
+            connect_sse(c, "POST", "/medgemma", json=ask(name, model="queue-model")) as src,
+        ):
+            results[name] = [(e.event, e.data) for e in src.iter_sse()]
+
+    try:
+        threads = []
+        for name in ("a", "b", "c"):
+            t = threading.Thread(target=stream, args=(name,))
+            t.start()
+            threads.append(t)
+            time.sleep(0.4)  # a is running, then b and c wait in line
+        with stack.client() as c:
+            full = c.post("/medgemma", json={**ask("d", model="queue-model"), "stream": False})
+        for t in threads:
+            t.join(30)
+    finally:
+        worker.stop()
+    assert full.status_code == 429
+    assert full.json()["error"]["code"] == "queue_full"
+    assert 1 <= int(full.headers["retry-after"]) <= 60
+    for name in ("a", "b", "c"):
+        assert results[name][-1][0] == "done"
+    places = [json.loads(d) for ev, d in results["c"] if ev == "queued"]
+    assert places, "c waited and was told its place in line"
+    assert places[0]["position"] == 2 and places[0]["eta_s"] > 0
+    assert [p["position"] for p in places] == sorted((p["position"] for p in places), reverse=True)
+    assert not any(ev == "queued" for ev, _ in results["a"])

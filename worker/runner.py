@@ -28,7 +28,7 @@ from redis.exceptions import RedisError
 
 from shared.errors import ErrorCode
 from shared.keys import Keys
-from shared.protocol import TERMINAL_TYPES, Job, TokenEvent, Usage, decode_event
+from shared.protocol import TERMINAL_TYPES, Job, TokenEvent, Usage, decode_event, record_start
 from shared.registry import ModelEntry
 from worker.cancel import CancelWatcher
 from worker.conversation import ConversationWriter
@@ -96,6 +96,9 @@ class JobRunner:
         if not self._leases.acquire(job.job_id):
             logger.warning("job %s already claimed by another run; skipped", job.job_id)
             return
+        pipe = self._redis.pipeline(transaction=False)
+        record_start(pipe, self._keys, job.model, job.job_id, self._clock())
+        pipe.execute()
         sent, last_seq, ended = self._already_sent(job)
         if ended:  # a duplicate of a job that finished: nothing to do
             self._leases.release(job.job_id, finished=True)

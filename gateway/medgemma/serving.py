@@ -32,13 +32,12 @@ from gateway.chat import Part, PendingMessage, new_id
 from gateway.deps import rate_limited
 from gateway.errors import APIError, error_response
 from gateway.images import ImageLimits, parse_image_url
-from gateway.jobs import status_for
+from gateway.jobs import StreamEvent, status_for
 from gateway.medgemma.protocol import ImagePart, MedGemmaRequest, MedGemmaResponse
-from gateway.relay import Event
 from gateway.state import AppState
 from gateway.streaming import JobStream
 from shared.errors import ErrorBody, ErrorCode
-from shared.protocol import DoneEvent, ErrorEvent, SamplingParams, TokenEvent
+from shared.protocol import DoneEvent, ErrorEvent, QueuedEvent, SamplingParams, TokenEvent
 from shared.registry import ModelEntry
 
 DEFAULT_TEMPERATURE = 0.7
@@ -142,8 +141,14 @@ def _system(req: MedGemmaRequest, entry: ModelEntry, hint: str) -> str | None:
     return text or None
 
 
-def seed_frame(event: Event, model: str, cid: str | None) -> ServerSentEvent:
-    """One event in the seed API's SSE format: ``event:`` type, ``id:`` sequence number."""
+def seed_frame(event: StreamEvent, model: str, cid: str | None) -> ServerSentEvent:
+    """One event in the seed API's SSE format: ``event:`` type, ``id:`` sequence number.
+
+    ``queued`` events (place in line while waiting for a worker) carry no id: they are not
+    part of the job's log and are not replayed on resume."""
+    if isinstance(event, QueuedEvent):
+        place = {"position": event.position, "eta_s": event.eta_s}
+        return ServerSentEvent(data=json.dumps(place), event="queued")
     if isinstance(event, TokenEvent):
         data: dict[str, object] = {"text": event.text}
     elif isinstance(event, DoneEvent):

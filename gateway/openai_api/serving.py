@@ -31,7 +31,7 @@ from gateway.chat import Part, PendingMessage
 from gateway.deps import rate_limited
 from gateway.errors import APIError, error_response
 from gateway.images import ImageLimits, parse_image_url
-from gateway.jobs import status_for
+from gateway.jobs import StreamEvent, status_for
 from gateway.openai_api.protocol import (
     ChatCompletion,
     ChatCompletionRequest,
@@ -41,11 +41,10 @@ from gateway.openai_api.protocol import (
     Message,
     ResponseMessage,
 )
-from gateway.relay import Event
 from gateway.state import AppState
 from gateway.streaming import JobStream
 from shared.errors import ErrorBody, ErrorCode
-from shared.protocol import DoneEvent, ErrorEvent, SamplingParams, TokenEvent
+from shared.protocol import DoneEvent, ErrorEvent, QueuedEvent, SamplingParams, TokenEvent
 from shared.registry import ModelEntry
 
 MAX_STOP = 4
@@ -181,7 +180,11 @@ class ChunkWriter:
     def first(self) -> ServerSentEvent:
         return self._chunk({"role": "assistant", "content": ""}, None, None)
 
-    def frames(self, event: Event) -> Iterable[ServerSentEvent]:
+    def frames(self, event: StreamEvent) -> Iterable[ServerSentEvent]:
+        if isinstance(event, QueuedEvent):  # an SSE comment: OpenAI clients skip it
+            return [
+                ServerSentEvent(comment=f"queued position={event.position} eta_s={event.eta_s}")
+            ]
         if isinstance(event, TokenEvent):
             return [self._chunk({"content": event.text}, None, event.seq)]
         if isinstance(event, DoneEvent):

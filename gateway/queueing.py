@@ -1,0 +1,87 @@
+"""Backpressure: a bounded line per model, with positions and honest waiting times.
+
+The gateway books each job in ``{p}:queue:{model}`` (a sorted set by enqueue time) and the
+worker that takes it removes it and records the start in ``{p}:starts:{model}``. From these:
+
+* **depth** — jobs booked and not yet taken (entries older than the queue timeout are
+  dropped: those jobs are answered with ``queue_timeout`` by whichever worker takes them);
+* **drain rate** — jobs started per second over the last minute, measured, not assumed;
+* **position** — a job's rank in line, and its ETA = position / drain rate.
+
+Our own book is used rather than Celery's lists because it gives a job's position cheaply, and
+it is not fooled by the extra lists Celery's Redis transport keeps per priority.
+A request past the model's ``serving.max_queue`` gets 429 with ``Retry-After`` = the time the
+measured drain rate needs to make room.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import cast
+
+from redis.asyncio import Redis
+
+from gateway.errors import APIError
+from shared.errors import ErrorCode
+from shared.keys import Keys
+from shared.protocol import QUEUE_WINDOW_S, Job
+
+MIN_SPAN_S = 5.0
+
+
+class QueueBook:
+    def __init__(self, redis: Redis, keys: Keys, *, queue_timeout_s: float) -> None:
+        self._redis = redis
+        self._keys = keys
+        self._queue_timeout_s = queue_timeout_s
+
+    async def drain_rate(self, model: str) -> float:
+        """Jobs per second started for ``model``: the starts of the last minute over the time
+        they span (at least 5 s, so one early start does not promise a flood)."""
+        now = time.time()
+        rows: list[tuple[str, float]] = await self._redis.zrangebyscore(  # type: ignore[assignment]
+            self._keys.queue_starts(model), now - QUEUE_WINDOW_S, "+inf", withscores=True
+        )
+        if not rows:
+            return 1 / QUEUE_WINDOW_S
+        oldest = min(float(score) for _job, score in rows)
+        return len(rows) / min(QUEUE_WINDOW_S, max(MIN_SPAN_S, now - oldest))
+
+    async def depth(self, model: str) -> int:
+        key = self._keys.queue_book(model)
+        await self._redis.zremrangebyscore(key, "-inf", time.time() - self._queue_timeout_s)
+        return int(await self._redis.zcard(key))
+
+    async def admit(self, job: Job, bound: int) -> None:
+        """Book ``job`` in its model's line, or refuse it with 429 if the line is full."""
+        depth = await self.depth(job.model)
+        if depth >= bound:
+            rate = await self.drain_rate(job.model)
+            wait = max(1, math.ceil((depth - bound + 1) / rate))
+            raise APIError(
+                429,
+                ErrorCode.QUEUE_FULL,
+                f"{depth} requests are already waiting for {job.model!r}; at the current pace "
+                f"there is room in about {wait} s.",
+                headers={"Retry-After": str(wait)},
+            )
+        await self.book(job)
+
+    async def book(self, job: Job) -> None:
+        key = self._keys.queue_book(job.model)
+        pipe = self._redis.pipeline(transaction=True)
+        pipe.zadd(key, {job.job_id: job.enqueued_at})
+        pipe.expire(key, int(self._queue_timeout_s * 2) + 60)
+        await pipe.execute()
+
+    async def forget(self, job: Job) -> None:
+        await self._redis.zrem(self._keys.queue_book(job.model), job.job_id)
+
+    async def position(self, model: str, job_id: str) -> tuple[int, float] | None:
+        """(place in line starting at 1, estimated seconds to start), or None if not waiting."""
+        rank = await self._redis.zrank(self._keys.queue_book(model), job_id)
+        if rank is None:
+            return None
+        place = int(cast(int, rank)) + 1
+        return place, round(place / await self.drain_rate(model), 1)
