@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import AsyncIterator, Callable, Iterable
 from typing import Any
 
+import anyio
 from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.background import BackgroundTask
 
@@ -21,10 +23,22 @@ from gateway.audit import prompt_digest
 from gateway.auditing import AuditInfo
 from gateway.chat import ChatService
 from gateway.jobs import JobService, StreamEvent
+from gateway.metrics import StreamTimer
 from gateway.relay import Subscription
+from shared.errors import ErrorCode, ErrorInfo
 from shared.protocol import TERMINAL_TYPES, DoneEvent, ErrorEvent, Job, QueuedEvent, TokenEvent
 
 Frames = Callable[[StreamEvent], Iterable[ServerSentEvent]]
+SHUTDOWN_GRACE_S = 2.0  # below uvicorn's graceful-shutdown timeout (gateway/__main__.py)
+
+
+def _shutdown_info(job_id: str) -> ErrorInfo:
+    return ErrorInfo(
+        message="The gateway is restarting. The answer goes on: resume it with "
+        f"GET /jobs/{job_id}/events and the Last-Event-ID you received.",
+        type="service_unavailable",
+        code=ErrorCode.GATEWAY_SHUTDOWN.value,
+    )
 
 
 class JobStream:
@@ -39,6 +53,7 @@ class JobStream:
         after_seq: int = 0,
         job: Job | None = None,
         audit: AuditInfo | None = None,
+        observer: StreamTimer | None = None,
     ) -> None:
         self._jobs = jobs
         self.job_id = job_id
@@ -50,6 +65,7 @@ class JobStream:
         self._iter: AsyncIterator[StreamEvent] | None = None
         self._first: asyncio.Future[StreamEvent] | None = None
         self._audit = audit
+        self._observer = observer  # metrics: sees every event with a monotonic timestamp
 
     @classmethod
     async def start_turn(
@@ -58,6 +74,7 @@ class JobStream:
         *,
         hold: contextlib.AbstractAsyncContextManager[None],
         audit: AuditInfo,
+        observer: StreamTimer | None = None,
         **start: Any,
     ) -> JobStream:
         """Submit a new turn (see :meth:`ChatService.start`) and follow it. ``hold`` (a rate
@@ -69,6 +86,8 @@ class JobStream:
         except BaseException:
             await stack.aclose()
             raise
+        if observer is not None:
+            observer.submitted(time.monotonic())
         audit.job_id = turn.job.job_id
         audit.model = turn.job.model
         audit.conversation_id = turn.conversation_id
@@ -81,6 +100,7 @@ class JobStream:
             first_timeout_s=chat.jobs.first_timeout(turn.job),
             job=turn.job,
             audit=audit,
+            observer=observer,
         )
 
     @classmethod
@@ -92,6 +112,7 @@ class JobStream:
         *,
         hold: contextlib.AbstractAsyncContextManager[None],
         audit: AuditInfo,
+        observer: StreamTimer | None = None,
     ) -> JobStream:
         """Follow an existing job from after ``after_seq``: the log first, then live."""
         stack = contextlib.AsyncExitStack()
@@ -109,6 +130,7 @@ class JobStream:
             first_timeout_s=jobs.resume_timeout_s,
             after_seq=after_seq,
             audit=audit,
+            observer=observer,
         )
 
     async def close(self) -> None:
@@ -142,6 +164,8 @@ class JobStream:
         return None
 
     def _note(self, event: StreamEvent) -> None:
+        if self._observer is not None:
+            self._observer.event(event, time.monotonic())
         if self._audit is None:
             return
         if isinstance(event, DoneEvent):
@@ -168,14 +192,25 @@ class JobStream:
         ping_s: float,
         first: Iterable[ServerSentEvent] = (),
         last: Iterable[ServerSentEvent] = (),
+        farewell: Callable[[ErrorInfo], Iterable[ServerSentEvent]] = lambda _: (),
     ) -> EventSourceResponse:
+        """``farewell`` formats the error sent when the gateway shuts down mid-stream (no
+        event id: the client resumes after the last real one, on another gateway)."""
+        bye = anyio.Event()  # set by sse-starlette when uvicorn starts shutting down
+
         async def stream() -> AsyncIterator[ServerSentEvent]:
             finished = False
             try:
+                if self._observer is not None:
+                    self._observer.opened()
                 async with self._jobs.watching(self.job_id):
                     for frame in first:
                         yield frame
-                    async for event in self._all():
+                    async for event in self._until(bye):
+                        if event is None:
+                            for frame in farewell(_shutdown_info(self.job_id)):
+                                yield frame
+                            return
                         finished = event.type in TERMINAL_TYPES
                         for frame in frames(event):
                             yield frame
@@ -188,21 +223,47 @@ class JobStream:
                     if self._audit is not None:
                         self._audit.outcome = "client_left"
                     self._jobs.abandoned(self.job_id)
+                if self._observer is not None:
+                    self._observer.closed()
                 await self.close()
 
         return EventSourceResponse(
-            stream(), ping=int(ping_s), headers=headers, background=BackgroundTask(self.close)
+            stream(),
+            ping=int(ping_s),
+            headers=headers,
+            background=BackgroundTask(self.close),
+            shutdown_event=bye,
+            shutdown_grace_period=SHUTDOWN_GRACE_S,
         )
+
+    async def _until(self, bye: anyio.Event) -> AsyncIterator[StreamEvent | None]:
+        """The events, or None once the gateway starts shutting down."""
+        events = self._all()
+        stop = asyncio.ensure_future(bye.wait())
+        try:
+            while True:
+                step = asyncio.ensure_future(anext(events))
+                done, _ = await asyncio.wait({step, stop}, return_when=asyncio.FIRST_COMPLETED)
+                if step not in done:
+                    step.cancel()
+                    yield None
+                    return
+                try:
+                    yield step.result()
+                except StopAsyncIteration:
+                    return
+        finally:
+            stop.cancel()
 
     async def collect(self) -> tuple[str, DoneEvent | ErrorEvent]:
         """Wait for the whole answer: its text and the terminal event."""
         parts: list[str] = []
         try:
             async for event in self._events():
+                self._note(event)
                 if isinstance(event, TokenEvent):
                     parts.append(event.text)
                 elif not isinstance(event, QueuedEvent):
-                    self._note(event)
                     return "".join(parts), event
         finally:
             await self.close()

@@ -36,6 +36,7 @@ class ErrorCode(StrEnum):
     QUEUE_FULL = "queue_full"
     RATE_LIMITED = "rate_limited"
     REDIS_UNAVAILABLE = "redis_unavailable"
+    GATEWAY_SHUTDOWN = "gateway_shutdown"
     # Job failures (mid-stream or in a non-stream error response)
     WORKER_TIMEOUT = "worker_timeout"
     WORKER_LOST = "worker_lost"

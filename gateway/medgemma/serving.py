@@ -36,7 +36,7 @@ from gateway.jobs import StreamEvent, status_for
 from gateway.medgemma.protocol import ImagePart, MedGemmaRequest, MedGemmaResponse
 from gateway.state import AppState
 from gateway.streaming import JobStream
-from shared.errors import ErrorBody, ErrorCode
+from shared.errors import ErrorBody, ErrorCode, ErrorInfo
 from shared.protocol import DoneEvent, ErrorEvent, QueuedEvent, SamplingParams, TokenEvent
 from shared.registry import ModelEntry
 
@@ -141,6 +141,10 @@ def _system(req: MedGemmaRequest, entry: ModelEntry, hint: str) -> str | None:
     return text or None
 
 
+def seed_farewell(info: ErrorInfo) -> list[ServerSentEvent]:
+    return [ServerSentEvent(data=json.dumps(ErrorBody(error=info).model_dump()), event="error")]
+
+
 def seed_frame(event: StreamEvent, model: str, cid: str | None) -> ServerSentEvent:
     """One event in the seed API's SSE format: ``event:`` type, ``id:`` sequence number.
 
@@ -195,6 +199,7 @@ async def serve(
         state.chat,
         hold=hold,
         audit=audit,
+        observer=state.metrics.stream(entry.model_name, audit.started),
         principal=principal,
         entry=entry,
         new=new,
@@ -210,6 +215,7 @@ async def serve(
             return error_response(status_for(failed.error.code), failed.error, headers)
         return opened.sse(
             lambda event: [seed_frame(event, entry.model_name, cid)],
+            farewell=seed_farewell,
             headers=headers,
             ping_s=state.settings.gateway_ping_s,
         )

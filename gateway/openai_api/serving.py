@@ -43,7 +43,7 @@ from gateway.openai_api.protocol import (
 )
 from gateway.state import AppState
 from gateway.streaming import JobStream
-from shared.errors import ErrorBody, ErrorCode
+from shared.errors import ErrorBody, ErrorCode, ErrorInfo
 from shared.protocol import DoneEvent, ErrorEvent, QueuedEvent, SamplingParams, TokenEvent
 from shared.registry import ModelEntry
 
@@ -200,6 +200,10 @@ class ChunkWriter:
 DONE_FRAME = ServerSentEvent(data="[DONE]")
 
 
+def openai_farewell(info: ErrorInfo) -> list[ServerSentEvent]:
+    return [ServerSentEvent(data=json.dumps(ErrorBody(error=info).model_dump())), DONE_FRAME]
+
+
 async def serve(
     state: AppState,
     principal: Principal,
@@ -221,6 +225,7 @@ async def serve(
         state.chat,
         hold=hold,
         audit=audit,
+        observer=state.metrics.stream(entry.model_name, audit.started),
         principal=principal,
         entry=entry,
         new=new,
@@ -248,6 +253,7 @@ async def serve(
             ping_s=state.settings.gateway_ping_s,
             first=[writer.first()],
             last=[DONE_FRAME],
+            farewell=openai_farewell,
         )
     text, end = await opened.collect()
     if isinstance(end, ErrorEvent):
