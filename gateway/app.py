@@ -25,6 +25,7 @@ from gateway.conversations import ConversationStore
 from gateway.errors import APIError, install_error_handlers
 from gateway.jobs import JobService
 from gateway.medgemma.router import router as medgemma_router
+from gateway.metrics import Metrics
 from gateway.openai_api.router import router as openai_router
 from gateway.queueing import QueueBook
 from gateway.ratelimit import RateLimiter
@@ -32,6 +33,7 @@ from gateway.relay import Relay
 from gateway.routes.conversations import router as conversations_router
 from gateway.routes.health import router as health_router
 from gateway.routes.jobs import router as jobs_router
+from gateway.routes.metrics import router as metrics_router
 from gateway.routes.models import router as models_router
 from gateway.routes.page import router as page_router
 from gateway.settings import GatewaySettings
@@ -76,6 +78,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     )
 
     audit_log = AuditLog.from_target(settings.gateway_audit_log)
+    metrics = Metrics()  # this app's own Prometheus registry
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -127,6 +130,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
                 stream_ttl_s=settings.turn_ttl_s,
             ),
             audit=audit_log,
+            metrics=metrics,
         )
         if api_keys.uses_demo_key:
             logger.warning("development mode: the demo API key 'demo-key' (user demo) is active")
@@ -153,9 +157,10 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     app.include_router(openai_router)
     app.include_router(conversations_router)
     app.include_router(jobs_router)
+    app.include_router(metrics_router)
     app.include_router(page_router)
     app.add_middleware(BodyLimit, max_bytes=settings.gateway_max_body_bytes)
-    app.add_middleware(AuditMiddleware, log=audit_log)
+    app.add_middleware(AuditMiddleware, log=audit_log, observe=metrics.observe_request)
     if settings.gateway_cors_origins:
         app.add_middleware(
             CORSMiddleware,

@@ -4,14 +4,17 @@ Routes and dependencies fill a :class:`AuditInfo` on ``request.state`` (who, whi
 conversation and job, the prompt's digest); the stream fills in the outcome and token counts
 when the terminal event passes. The ASGI middleware writes the record once the app has
 finished with the request, so a streamed answer is recorded with its real outcome, and a
-client that left is recorded as such. Health, readiness and metrics are not audited.
+client that left is recorded as such. Health, readiness and metrics are not audited. An
+optional ``observe`` callback (the Prometheus metrics) gets each record once it is written.
 """
 
 from __future__ import annotations
 
 import logging
 import re
-from dataclasses import dataclass
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -29,6 +32,7 @@ _ACTIONS: list[tuple[str, re.Pattern[str], str]] = [
     ("DELETE", re.compile(r"^/conversations/[^/]+$"), "conversation.delete"),
     ("POST", re.compile(r"^/jobs/[^/]+/cancel$"), "job.cancel"),
     ("GET", re.compile(r"^/jobs/[^/]+/events$"), "job.resume"),
+    ("GET", re.compile(r"^/admin/fleet$"), "admin.fleet"),
 ]
 
 
@@ -45,6 +49,7 @@ class AuditInfo:
     outcome: str | None = None
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
+    started: float = field(default_factory=time.monotonic)  # arrival, for time to first token
 
 
 def audit_info(state: object) -> AuditInfo:
@@ -71,16 +76,19 @@ def _outcome(info: AuditInfo, status: int) -> str:
 
 
 class AuditMiddleware:
-    def __init__(self, app: ASGIApp, log: AuditLog) -> None:
+    def __init__(
+        self, app: ASGIApp, log: AuditLog, observe: Callable[[AuditRecord], None] | None = None
+    ) -> None:
         self.app = app
         self.log = log
+        self.observe = observe  # e.g. Metrics.observe_request, called after each record
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"] in _SKIP:
             await self.app(scope, receive, send)
             return
         status = 0
-        scope.setdefault("state", {})  # shared with request.state
+        scope.setdefault("state", {})["audit"] = AuditInfo()  # shared with request.state
 
         async def capture(message: Message) -> None:
             nonlocal status
@@ -112,3 +120,5 @@ class AuditMiddleware:
                 self.log.write(record)
             except (OSError, ValueError) as exc:
                 logger.error("audit write failed: %s", type(exc).__name__)
+            if self.observe is not None:
+                self.observe(record)

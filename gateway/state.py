@@ -10,6 +10,7 @@ from redis.asyncio import Redis
 from gateway.audit import AuditLog
 from gateway.auth import KeyStore
 from gateway.chat import ChatService
+from gateway.metrics import Metrics
 from gateway.ratelimit import RateLimiter
 from gateway.relay import Relay
 from gateway.settings import GatewaySettings
@@ -29,3 +30,4 @@ class AppState:
     api_keys: KeyStore
     limiter: RateLimiter
     audit: AuditLog
+    metrics: Metrics

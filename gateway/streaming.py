@@ -229,7 +229,7 @@ class JobStream:
 
         return EventSourceResponse(
             stream(),
-            ping=int(ping_s),
+            ping=ping_s,
             headers=headers,
             background=BackgroundTask(self.close),
             shutdown_event=bye,

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from httpx_sse import ServerSentEvent, connect_sse
+from httpx_sse import EventSource, ServerSentEvent, connect_sse
 from redis import Redis
 
 from devstack.processes import (
@@ -69,7 +69,7 @@ def tiny_entry(name: str, path: str, **serving: Any) -> dict[str, Any]:
     }
 
 
-def write_registry(dest: Path, tiny_dir: Path) -> Path:
+def write_registry(dest: Path, tiny_dir: Path, only: set[str] | None = None) -> Path:
     models = [
         tiny_entry("tiny-gemma", str(tiny_dir)),
         tiny_entry("ghost-model", str(tiny_dir)),  # no worker ever serves it
@@ -103,6 +103,8 @@ def write_registry(dest: Path, tiny_dir: Path) -> Path:
         ),
     ]
     models.append(json.loads((Path(__file__).parent.parent / "models.json").read_text())[1])
+    if only is not None:
+        models = [m for m in models if m["model_name"] in only]
     dest.write_text(json.dumps(models, indent=2))
     return dest
 
@@ -143,11 +145,18 @@ class Stack:
             p.stop()
 
 
-def start_stack(workdir: Path, tiny_dir: Path, *, workers: int = 1) -> Stack:
+def start_stack(
+    workdir: Path,
+    tiny_dir: Path,
+    *,
+    workers: int = 1,
+    only: set[str] | None = None,
+    redis_url: str | None = None,
+) -> Stack:
     workdir.mkdir(parents=True, exist_ok=True)
-    registry = write_registry(workdir / "models.json", tiny_dir)
+    registry = write_registry(workdir / "models.json", tiny_dir, only)
     procs: list[Proc] = []
-    redis_url = os.environ.get("TEST_REDIS_URL")
+    redis_url = redis_url or os.environ.get("TEST_REDIS_URL")
     if not redis_url:
         rport = free_port()
         procs.append(start_redis(rport, workdir / "redis", workdir / "redis.log"))
@@ -159,6 +168,7 @@ def start_stack(workdir: Path, tiny_dir: Path, *, workers: int = 1) -> Stack:
         "GATEWAY_DEFAULT_MODEL": "tiny-gemma",
         "GATEWAY_QUEUE_TIMEOUT_S": "30",
         "GATEWAY_RESUME_GRACE_S": "1.0",
+        "GATEWAY_PING_S": "0.5",  # keep-alives inside every test stream
         "GATEWAY_IDLE_TIMEOUT_S": "3",
         "GATEWAY_RATE_LIMIT_RPM": "100000",
         "GATEWAY_MAX_CONCURRENT_STREAMS": "100",
@@ -181,12 +191,20 @@ def start_stack(workdir: Path, tiny_dir: Path, *, workers: int = 1) -> Stack:
     return stack
 
 
+def events_of(source: EventSource) -> Iterator[ServerSentEvent]:
+    """The events of a stream, without keep-alive comments (which, per the SSE spec, a
+    browser never dispatches; httpx-sse yields them as empty events)."""
+    for event in source.iter_sse():
+        if event.data or event.event not in ("", "message"):
+            yield event
+
+
 def sse_events(
     client: httpx.Client, path: str, body: dict[str, Any]
 ) -> tuple[httpx.Response, list[ServerSentEvent]]:
     """POST and collect every SSE event until the server closes the stream."""
     with connect_sse(client, "POST", path, json=body) as source:
-        events = [e for e in source.iter_sse()]
+        events = list(events_of(source))
         return source.response, events
 
 

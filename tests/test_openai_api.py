@@ -14,7 +14,7 @@ from httpx_sse import connect_sse
 from PIL import Image
 from redis import Redis
 
-from tests.stack import ADMIN_KEY, USER_KEY, Stack
+from tests.stack import ADMIN_KEY, USER_KEY, Stack, events_of
 
 pytestmark = pytest.mark.integration
 
@@ -117,7 +117,7 @@ def test_stream_frames_are_exactly_openai_shaped(stack: Stack) -> None:
     }
     with stack.client() as c, connect_sse(c, "POST", "/v1/chat/completions", json=body) as src:
         assert src.response.headers["x-job-id"]
-        datas = [e.data for e in src.iter_sse()]
+        datas = [e.data for e in events_of(src)]
     assert datas[-1] == "[DONE]"
     chunks = [json.loads(d) for d in datas[:-1]]
     for ch in chunks:
@@ -315,7 +315,7 @@ def test_mid_stream_failure_is_an_error_frame_then_done(stack: Stack) -> None:
     datas: list[str] = []
     killed_at = 0.0
     with stack.client() as c, connect_sse(c, "POST", "/v1/chat/completions", json=body) as src:
-        for e in src.iter_sse():
+        for e in events_of(src):
             datas.append(e.data)
             if len(datas) == 4:
                 worker.popen.kill()  # SIGKILL: no goodbye, no terminal event
@@ -325,3 +325,23 @@ def test_mid_stream_failure_is_an_error_frame_then_done(stack: Stack) -> None:
     err = json.loads(datas[-2])["error"]
     assert err["code"] == "worker_lost"
     assert ended_at - killed_at < 10
+
+
+def test_sdk_survives_a_long_stream_with_keepalives_and_queueing(stack: Stack) -> None:
+    # Keep-alive comments after an event id make the official SDK parse an empty event
+    # (json error). OpenAI streams therefore send data frames only once ids flow. The test
+    # stack pings every 0.5 s: a 3 s answer on the slow model would hit that.
+    worker = stack.add_worker("queue-model")
+    try:
+        stream = sdk(stack).chat.completions.create(
+            model="queue-model",
+            messages=[{"role": "user", "content": "long"}],
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+        chunks = list(stream)
+    finally:
+        worker.stop()
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == "".join(f"tok{i} " for i in range(60))
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 60

@@ -15,7 +15,7 @@ import pytest
 from httpx_sse import connect_sse
 
 from devstack.processes import start_redis, wait_for
-from tests.stack import Stack, ask, start_stack
+from tests.stack import Stack, ask, events_of, start_stack
 
 pytestmark = pytest.mark.integration
 
@@ -48,7 +48,7 @@ def test_redis_outage_fails_fast_and_recovers_by_itself(own_stack: Stack) -> Non
             stack.client() as c,
             connect_sse(c, "POST", "/medgemma", json=ask("long", model="slow-model")) as src,
         ):
-            for e in src.iter_sse():
+            for e in events_of(src):
                 events.append((e.event, e.data))
                 streaming.set()
 
@@ -88,7 +88,7 @@ def test_sigterm_to_a_busy_worker_finishes_the_answer_and_exits_0(own_stack: Sta
     def stream() -> None:
         body = ask("finish me", model="slow-model", verbosity=0)  # 50 tokens, 2.5 s
         with stack.client() as c, connect_sse(c, "POST", "/medgemma", json=body) as src:
-            for e in src.iter_sse():
+            for e in events_of(src):
                 got.append(e.event)
                 started.set()
 
@@ -116,7 +116,7 @@ def test_sigterm_to_the_gateway_ends_open_streams_with_a_clean_event(own_stack: 
             stack.client() as c,
             connect_sse(c, "POST", "/medgemma", json=ask("long", model="slow-model")) as src,
         ):
-            for e in src.iter_sse():
+            for e in events_of(src):
                 frames.append((e.event, e.data))
                 started.set()
 

@@ -19,7 +19,7 @@ from redis import Redis
 from devstack.processes import Proc
 from shared.keys import Keys
 from shared.protocol import DoneEvent, decode_event
-from tests.stack import OTHER_KEY, Stack, ask
+from tests.stack import OTHER_KEY, Stack, ask, events_of
 
 pytestmark = pytest.mark.integration
 SLOW = "slow-model"
@@ -58,7 +58,7 @@ def test_cancel_endpoint_stops_generation_within_a_second(stack: Stack, slow_wor
             connect_sse(c, "POST", "/medgemma", json=ask("long answer please", model=SLOW)) as src,
         ):
             job["id"] = src.response.headers["x-job-id"]
-            for e in src.iter_sse():
+            for e in events_of(src):
                 got.append(e.event)
                 if len(got) == 5:
                     seen_five.set()
@@ -84,7 +84,7 @@ def test_client_that_leaves_and_does_not_return_frees_the_worker(
     body = {**ask("tell me everything", model=SLOW), "conversation_id": "left-early"}
     with stack.client() as c, connect_sse(c, "POST", "/medgemma", json=body) as src:
         job_id = src.response.headers["x-job-id"]
-        for n, _ in enumerate(src.iter_sse(), 1):
+        for n, _ in enumerate(events_of(src), 1):
             if n == 3:
                 break  # the client goes away mid-stream
     left_at = time.monotonic()
@@ -108,7 +108,7 @@ def test_resume_returns_exactly_the_rest_then_live(stack: Stack, slow_worker: Pr
         connect_sse(c, "POST", "/medgemma", json=ask("resume me", model=SLOW, verbosity=0)) as src,
     ):
         job_id = src.response.headers["x-job-id"]
-        for e in src.iter_sse():
+        for e in events_of(src):
             first.append((int(e.id), json.loads(e.data)["text"]))
             if len(first) == 6:
                 break  # connection dropped after event 6
@@ -116,7 +116,7 @@ def test_resume_returns_exactly_the_rest_then_live(stack: Stack, slow_worker: Pr
         stack.client() as c,
         connect_sse(c, "GET", f"/jobs/{job_id}/events", headers={"Last-Event-ID": "6"}) as src,
     ):
-        rest = [(int(e.id), e.event, e.data) for e in src.iter_sse()]
+        rest = [(int(e.id), e.event, e.data) for e in events_of(src)]
     ids = [i for i, _ in first] + [i for i, _, _ in rest]
     assert ids == list(range(1, len(ids) + 1)), "no gap, no duplicate"
     text = "".join(t for _, t in first) + "".join(
@@ -138,7 +138,7 @@ def test_resume_keeps_the_openai_format(stack: Stack, slow_worker: Proc) -> None
     seen = 0
     with stack.client() as c, connect_sse(c, "POST", "/v1/chat/completions", json=body) as src:
         job_id = src.response.headers["x-job-id"]
-        for e in src.iter_sse():
+        for e in events_of(src):
             seen = int(e.id) if e.id else seen
             if seen == 4:
                 break
@@ -146,7 +146,7 @@ def test_resume_keeps_the_openai_format(stack: Stack, slow_worker: Proc) -> None
         stack.client() as c,
         connect_sse(c, "GET", f"/jobs/{job_id}/events", headers={"Last-Event-ID": "4"}) as src,
     ):
-        datas = [e.data for e in src.iter_sse()]
+        datas = [e.data for e in events_of(src)]
     assert datas[-1] == "[DONE]"
     chunks = [json.loads(d) for d in datas[:-1]]
     assert all(ch["object"] == "chat.completion.chunk" for ch in chunks)
@@ -217,7 +217,7 @@ def test_sigkill_of_a_worker_hands_the_job_over(
             if kill_after_tokens == 0:
                 victim.popen.kill()  # during the simulated prefill: no token was sent
                 killed = True
-            for e in src.iter_sse():
+            for e in events_of(src):
                 seen.append((int(e.id), e.event, e.data))
                 if not killed and len(seen) == kill_after_tokens:
                     victim.popen.kill()
@@ -247,7 +247,7 @@ def test_sigkill_with_no_other_worker_ends_in_an_error_within_10s(stack: Stack) 
         job_id = src.response.headers["x-job-id"]
         _worker_running(stack, job_id, [worker]).popen.kill()
         killed_at = time.monotonic()
-        events = list(src.iter_sse())
+        events = list(events_of(src))
     assert events[-1].event == "error"
     assert json.loads(events[-1].data)["error"]["code"] == "worker_lost"
     assert time.monotonic() - killed_at < 10
@@ -265,7 +265,7 @@ def test_a_full_line_says_429_with_retry_after_and_waiters_see_their_place(
             stack.client() as c,
             connect_sse(c, "POST", "/medgemma", json=ask(name, model="queue-model")) as src,
         ):
-            results[name] = [(e.event, e.data) for e in src.iter_sse()]
+            results[name] = [(e.event, e.data) for e in events_of(src)]
 
     try:
         threads = []

@@ -8,6 +8,7 @@ import base64
 import hashlib
 import io
 import json
+import re
 import time
 
 import pytest
@@ -16,7 +17,7 @@ from PIL import Image
 from redis import Redis
 
 from devstack.processes import free_port, start_gateway
-from tests.stack import USER_KEY, Stack, ask, sse_events
+from tests.stack import USER_KEY, Stack, ask, events_of, sse_events
 
 pytestmark = pytest.mark.integration
 
@@ -59,7 +60,7 @@ def _chat_everywhere(stack: Stack, text: str, image_url: str) -> list[str]:
             "messages": [{"role": "user", "content": text}],
         }
         with connect_sse(c, "POST", "/v1/chat/completions", json=body) as src:
-            list(src.iter_sse())
+            list(events_of(src))
     return [a for a in answers if len(a.strip()) >= 8]
 
 
@@ -154,3 +155,117 @@ def test_rate_limit_holds_across_two_gateway_processes(stack: Stack) -> None:
             g.stop()
     assert codes[:3] == [200, 200, 200] and codes[3:] == [429, 429]
     assert retry_after is not None and 1 <= retry_after <= 60
+
+
+def test_another_users_conversation_id_is_their_own_space(stack: Stack) -> None:
+    """Bob using Alice's conversation id, on either chat API, neither reads nor appends to
+    Alice's conversation: ids live in per-user spaces (so they cannot collide either)."""
+    from tests.stack import OTHER_KEY
+
+    with stack.client() as alice:
+        first = alice.post(
+            "/medgemma",
+            json={
+                **ask("Alice's private history " * 20),
+                "stream": False,
+                "conversation_id": "shared-id",
+            },
+        )
+    with stack.client(OTHER_KEY) as bob:
+        seed = bob.post(
+            "/medgemma", json={**ask("hi"), "stream": False, "conversation_id": "shared-id"}
+        )
+        oa = bob.post(
+            "/v1/chat/completions",
+            headers={"X-Conversation-Id": "shared-id"},
+            json={
+                "model": "tiny-gemma",
+                "max_tokens": 3,
+                "messages": [{"role": "user", "content": "hi"}],
+            },
+        )
+        bob_view = bob.get("/conversations/shared-id").json()
+    assert seed.status_code == 200 and oa.status_code == 200
+    # Bob's prompt did not carry Alice's long turn.
+    assert seed.json()["usage"]["prompt_tokens"] < first.json()["usage"]["prompt_tokens"]
+    assert all("Alice" not in m["content"] for m in bob_view["messages"])
+    with stack.client() as alice:
+        mine = alice.get("/conversations/shared-id").json()["messages"]
+    assert len(mine) == 2 and "Alice's private history" in mine[0]["content"]
+
+
+def test_every_route_needs_a_key(stack: Stack) -> None:
+    routes = [
+        ("GET", "/models"),
+        ("GET", "/v1/models"),
+        ("POST", "/medgemma"),
+        ("POST", "/v1/chat/completions"),
+        ("GET", "/conversations"),
+        ("GET", "/conversations/x"),
+        ("DELETE", "/conversations/x"),
+        ("POST", "/jobs/abcdefgh12/cancel"),
+        ("GET", "/jobs/abcdefgh12/events"),
+    ]
+    with stack.client(key=None) as c:
+        for method, path in routes:
+            r = c.request(method, path, json={})
+            assert r.status_code == 401, (method, path, r.status_code)
+            assert r.json()["error"]["code"] == "unauthorized"
+            assert r.headers["www-authenticate"] == "Bearer"
+        for open_path in ("/healthz", "/readyz", "/"):
+            assert c.get(open_path).status_code in (200, 503)
+
+
+def test_admin_models_are_a_404_on_the_openai_api_too(stack: Stack) -> None:
+    with stack.client() as c:
+        r = c.post(
+            "/v1/chat/completions",
+            json={"model": "secret-model", "messages": [{"role": "user", "content": "hi"}]},
+        )
+    assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+
+
+def test_audit_records_each_outcome(stack: Stack) -> None:
+    audit = stack.workdir / "audit.jsonl"
+    before = len(audit.read_text().splitlines())
+    with stack.client() as c:
+        c.post("/medgemma", json={**ask("x"), "stream": False})  # ok
+        c.post("/medgemma", json=ask("x", model="no-such-model"))  # 404
+        c.post(
+            "/v1/chat/completions",
+            json={
+                "model": "tiny-gemma",
+                "stream": True,  # 400
+                "messages": [{"role": "user", "content": "word " * 2000}],
+            },
+        )
+        c.post("/medgemma", json={"model": "tiny-gemma"})  # 422
+    time.sleep(0.2)
+    outcomes = {
+        (r["action"], r["outcome"], r["status"])
+        for r in map(json.loads, audit.read_text().splitlines()[before:])
+    }
+    assert ("chat.medgemma", "ok", 200) in outcomes
+    assert ("chat.medgemma", "denied:404", 404) in outcomes
+    assert ("chat.openai", "error:prompt_too_long", 400) in outcomes
+    assert ("chat.medgemma", "error:422", 422) in outcomes
+
+
+def test_a_conversation_longer_than_the_context_is_trimmed_oldest_first(stack: Stack) -> None:
+    """tiny-gemma's context is 512 tokens: after a few long turns the history no longer fits,
+    the oldest turns are dropped from the prompt (the stored conversation keeps them all)."""
+    long_turn = "Describe the patient's chart in detail please. " * 12
+    prompts = []
+    with stack.client() as c:
+        for _ in range(6):
+            r = c.post(
+                "/medgemma",
+                json={**ask(long_turn), "stream": False, "conversation_id": "very-long"},
+            )
+            assert r.status_code == 200, r.text
+            prompts.append(r.json()["usage"]["prompt_tokens"])
+        stored = c.get("/conversations/very-long").json()["messages"]
+    assert len(stored) == 12
+    assert max(prompts) <= 512
+    assert prompts[-1] < prompts[0] * 6, "older turns were dropped from the prompt"
+    assert re.search(r"[1-9]\d* old messages trimmed", stack.logs())

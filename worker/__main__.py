@@ -14,9 +14,11 @@ import sys
 import time
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
+from urllib.parse import urlsplit
 
 from celery import signals
 from redis import Redis
+from redis.exceptions import AuthenticationError, RedisError
 
 from shared.keys import Keys
 from shared.logs import configure_logging
@@ -51,6 +53,28 @@ def _gpu_free_bytes(device: str) -> int | None:
     return int(free)
 
 
+def _redis_accepts(url: str) -> bool:
+    """False, after one clear line, if Redis refuses REDIS_URL's credentials: Celery would
+    otherwise retry the login for many minutes. Other failures (Redis not up yet) are left
+    to Celery, which keeps reconnecting."""
+    where = urlsplit(url)
+    try:
+        with Redis.from_url(url, socket_connect_timeout=5, socket_timeout=5) as probe:
+            probe.ping()
+    except AuthenticationError as exc:
+        logger.error(
+            "Redis at %s:%s refused the credentials in REDIS_URL (%s); set the right password "
+            "(redis://:PASSWORD@host:port/db)",
+            where.hostname,
+            where.port or 6379,
+            exc,
+        )
+        return False
+    except (RedisError, OSError):
+        pass
+    return True
+
+
 def main() -> int:
     settings = WorkerSettings()
     configure_logging(settings.worker_log_level)
@@ -68,6 +92,8 @@ def main() -> int:
             registry.source,
             names,
         )
+        return 2
+    if not _redis_accepts(settings.redis_url):  # before loading gigabytes of weights
         return 2
     engine: GenerationEngine
     device, quantization = "none", "none"

@@ -156,7 +156,13 @@ def _finish_reason(done: DoneEvent) -> str:
 
 
 class ChunkWriter:
-    """Formats events as ``chat.completion.chunk`` frames."""
+    """Formats events as ``chat.completion.chunk`` frames.
+
+    Chunks carry SSE ``id:`` lines (the job's sequence numbers) so a client can resume.
+    The official SDKs keep the last id and turn *any* later blank-line-terminated frame
+    without data (a keep-alive comment, say) into an event with empty data, which they
+    fail to parse as JSON. So once an id has been sent, this stream sends data frames
+    only: no pings (the caller disables them) and no queue comments."""
 
     def __init__(self, completion_id: str, model: str, created: int, include_usage: bool) -> None:
         self._base = {
@@ -167,6 +173,7 @@ class ChunkWriter:
             "system_fingerprint": None,
         }
         self._include_usage = include_usage
+        self._sent_id = False
 
     def _chunk(self, delta: dict[str, str], finish: str | None, seq: int | None) -> ServerSentEvent:
         body: dict[str, object] = {
@@ -175,13 +182,16 @@ class ChunkWriter:
         }
         if self._include_usage:
             body["usage"] = None
+        self._sent_id = self._sent_id or seq is not None
         return ServerSentEvent(data=json.dumps(body), id=None if seq is None else str(seq))
 
     def first(self) -> ServerSentEvent:
         return self._chunk({"role": "assistant", "content": ""}, None, None)
 
     def frames(self, event: StreamEvent) -> Iterable[ServerSentEvent]:
-        if isinstance(event, QueuedEvent):  # an SSE comment: OpenAI clients skip it
+        if isinstance(event, QueuedEvent):  # an SSE comment: OpenAI clients skip it...
+            if self._sent_id:  # ...unless an id was sent before (see the class docstring)
+                return []
             return [
                 ServerSentEvent(comment=f"queued position={event.position} eta_s={event.eta_s}")
             ]
@@ -250,7 +260,7 @@ async def serve(
         return opened.sse(
             writer.frames,
             headers=headers,
-            ping_s=state.settings.gateway_ping_s,
+            ping_s=0,  # see ChunkWriter: keep-alive comments break the SDKs after an id
             first=[writer.first()],
             last=[DONE_FRAME],
             farewell=openai_farewell,

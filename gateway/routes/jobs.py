@@ -67,7 +67,7 @@ async def job_events(
         return stream.sse(
             writer.frames,
             headers=headers,
-            ping_s=ping,
+            ping_s=0,  # see ChunkWriter: keep-alive comments break the SDKs after an id
             first=first,
             last=[DONE_FRAME],
             farewell=openai_farewell,
