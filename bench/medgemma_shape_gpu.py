@@ -55,6 +55,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+# Run from anywhere (python bench/medgemma_shape_gpu.py): the repository root holds devstack.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
 import torch
 import transformers
 from transformers import (
@@ -65,6 +68,8 @@ from transformers import (
     SiglipVisionConfig,
 )
 
+from devstack.tiny_gemma import gemma3_rope_parameters, medgemma_4b_config  # noqa: E402
+
 GIB = 1024**3
 QUANT_NAMES = ("bf16", "int8", "nf4")
 
@@ -72,64 +77,7 @@ QUANT_NAMES = ("bf16", "int8", "nf4")
 # --- configs ---------------------------------------------------------------------------------
 
 
-def _rope_parameters() -> dict[str, dict[str, object]]:
-    return {
-        "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1_000_000.0},
-        "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
-    }
-
-
-def full_config() -> Gemma3Config:
-    """MedGemma 4B's architecture; a copy of ``devstack.tiny_gemma.medgemma_4b_config``.
-
-    Copied so this script runs on a machine with nothing but torch/transformers/bitsandbytes;
-    ``tests/test_tiny_gemma.py`` checks that the two stay identical.
-    """
-    text = Gemma3TextConfig(
-        vocab_size=262_208,
-        hidden_size=2560,
-        intermediate_size=10_240,
-        num_hidden_layers=34,
-        num_attention_heads=8,
-        num_key_value_heads=4,
-        head_dim=256,
-        hidden_activation="gelu_pytorch_tanh",
-        max_position_embeddings=131_072,
-        rms_norm_eps=1e-6,
-        query_pre_attn_scalar=256,
-        sliding_window=1024,
-        layer_types=[
-            "full_attention" if (i + 1) % 6 == 0 else "sliding_attention" for i in range(34)
-        ],
-        rope_parameters=_rope_parameters(),
-        attention_bias=False,
-        final_logit_softcapping=None,
-        attn_logit_softcapping=None,
-        pad_token_id=0,
-        bos_token_id=2,
-        eos_token_id=[1, 106],
-        tie_word_embeddings=True,
-    )
-    vision = SiglipVisionConfig(
-        hidden_size=1152,
-        image_size=896,
-        intermediate_size=4304,
-        num_attention_heads=16,
-        num_hidden_layers=27,
-        patch_size=14,
-        layer_norm_eps=1e-6,
-        hidden_act="gelu_pytorch_tanh",
-        vision_use_head=False,
-    )
-    return Gemma3Config(
-        text_config=text,
-        vision_config=vision,
-        mm_tokens_per_image=256,
-        boi_token_index=255_999,
-        eoi_token_index=256_000,
-        image_token_index=262_144,
-        tie_word_embeddings=True,
-    )
+full_config = medgemma_4b_config  # MedGemma 4B's exact architecture
 
 
 def smoke_config() -> Gemma3Config:
@@ -148,7 +96,7 @@ def smoke_config() -> Gemma3Config:
         query_pre_attn_scalar=32,
         sliding_window=64,
         layer_types=["sliding_attention", "full_attention"],
-        rope_parameters=_rope_parameters(),
+        rope_parameters=gemma3_rope_parameters(),
         pad_token_id=0,
         bos_token_id=2,
         eos_token_id=[1, 4],

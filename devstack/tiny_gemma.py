@@ -236,7 +236,7 @@ def _make_tokenizer() -> PreTrainedTokenizerFast:
     return tokenizer
 
 
-def _rope_parameters() -> dict[str, dict[str, object]]:
+def gemma3_rope_parameters() -> dict[str, dict[str, object]]:
     """Gemma 3 4B: global layers 1M theta with linear scaling x8, local layers 10k theta."""
     return {
         "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1_000_000.0},
@@ -263,7 +263,7 @@ def _tiny_text_config(vocab_size: int) -> Gemma3TextConfig:
         query_pre_attn_scalar=32,
         sliding_window=64,
         layer_types=["sliding_attention", "full_attention"],
-        rope_parameters=_rope_parameters(),
+        rope_parameters=gemma3_rope_parameters(),
         max_position_embeddings=131_072,
         pad_token_id=_IDS[PAD_TOKEN],
         bos_token_id=_IDS[BOS_TOKEN],
@@ -407,7 +407,7 @@ def medgemma_4b_config() -> Gemma3Config:
         query_pre_attn_scalar=256,
         sliding_window=1024,
         layer_types=_gemma3_layer_types(34),
-        rope_parameters=_rope_parameters(),
+        rope_parameters=gemma3_rope_parameters(),
         attention_bias=False,
         final_logit_softcapping=None,
         attn_logit_softcapping=None,

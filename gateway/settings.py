@@ -7,6 +7,7 @@ from typing import Literal
 
 from pydantic import Field, SecretStr
 
+from gateway.images import ImageLimits
 from shared.settings import CommonSettings
 
 
@@ -90,3 +91,7 @@ class GatewaySettings(CommonSettings):
         """Longest life of one turn (queue wait + generation + a margin): bounds the
         conversation lock, the job's images and a rate-limit stream slot."""
         return int(self.gateway_queue_timeout_s + self.gateway_max_generation_s) + 60
+
+    @property
+    def image_limits(self) -> ImageLimits:
+        return ImageLimits(self.gateway_max_image_bytes, self.gateway_max_image_pixels)

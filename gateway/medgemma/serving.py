@@ -31,7 +31,7 @@ from gateway.auth import Principal
 from gateway.chat import Part, PendingMessage, new_id
 from gateway.deps import rate_limited
 from gateway.errors import APIError, error_response
-from gateway.images import ImageLimits, parse_image_url
+from gateway.images import parse_image_url
 from gateway.jobs import StreamEvent, status_for
 from gateway.medgemma.protocol import ImagePart, MedGemmaRequest, MedGemmaResponse
 from gateway.state import AppState
@@ -178,9 +178,7 @@ async def serve(
     check_request(req, entry)
     hold = await rate_limited(state, principal, stream=req.stream)
     sampling, hint = sampling_for(req, entry)
-    limits = ImageLimits(
-        state.settings.gateway_max_image_bytes, state.settings.gateway_max_image_pixels
-    )
+    limits = state.settings.image_limits
     parts: list[Part] = []
     for i, part in enumerate(req.user_message):
         if isinstance(part, ImagePart):

@@ -225,9 +225,7 @@ async def serve(
     check_options(req)
     if req.stream and not entry.capabilities.stream:
         raise _unsupported("stream", f"Model {entry.model_name!r} cannot stream.")
-    limits = ImageLimits(
-        state.settings.gateway_max_image_bytes, state.settings.gateway_max_image_pixels
-    )
+    limits = state.settings.image_limits
     hold = await rate_limited(state, principal, stream=req.stream)
     system, earlier, new = await split_messages(req, limits)
     cid = req.conversation_id or header_conversation_id
