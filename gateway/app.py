@@ -14,7 +14,6 @@ from contextlib import asynccontextmanager
 from celery import Celery
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
-from redis.asyncio import Redis
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from gateway.audit import AuditLog
@@ -41,6 +40,7 @@ from gateway.state import AppState
 from shared.celery_config import celery_options
 from shared.errors import ErrorCode
 from shared.keys import Keys
+from shared.redis_url import async_redis
 from shared.registry import load_registry
 
 logger = logging.getLogger(__name__)
@@ -82,7 +82,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        redis = Redis.from_url(
+        redis = async_redis(
             settings.redis_url,
             decode_responses=True,
             socket_connect_timeout=2,

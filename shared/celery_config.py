@@ -20,19 +20,22 @@ from __future__ import annotations
 
 from typing import Any
 
+from shared.redis_url import celery_broker
+
 VISIBILITY_TIMEOUT_S = 6 * 3600
 
 
 def celery_options(redis_url: str) -> dict[str, Any]:
+    broker_url, transport = celery_broker(redis_url)
     return {
-        "broker_url": redis_url,
+        "broker_url": broker_url,
         "result_backend": None,
         "task_ignore_result": True,
         "task_serializer": "json",
         "accept_content": ["json"],
         "task_acks_late": False,
         "worker_prefetch_multiplier": 1,
-        "broker_transport_options": {"visibility_timeout": VISIBILITY_TIMEOUT_S},
+        "broker_transport_options": {"visibility_timeout": VISIBILITY_TIMEOUT_S, **transport},
         "broker_connection_retry_on_startup": True,
         "task_publish_retry": True,
         "task_publish_retry_policy": {

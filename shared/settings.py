@@ -25,7 +25,8 @@ class CommonSettings(BaseSettings):
     redis_url: str = Field(
         default="redis://127.0.0.1:6379/0",
         description="Redis for the Celery broker, token events, conversations and heartbeats. "
-        "Use rediss:// for TLS and redis://:password@host/0 for a password.",
+        "Use rediss:// for TLS, redis://:password@host/0 for a password, and "
+        "sentinel://host1:26379,host2:26379/0?master=NAME for Sentinel failover.",
     )
     models_file: Path = Field(
         default=DEFAULT_MODELS_FILE,

@@ -17,7 +17,6 @@ from typing import Any
 
 import httpx
 from httpx_sse import EventSource, ServerSentEvent, connect_sse
-from redis import Redis
 
 from devstack.processes import (
     Proc,
@@ -28,6 +27,7 @@ from devstack.processes import (
     wait_for,
     wait_ready,
 )
+from shared.redis_url import sync_redis
 
 USER_KEY = "test-key-alice"
 OTHER_KEY = "test-key-bob"
@@ -132,7 +132,7 @@ class Stack:
         self.procs.append(proc)
         wait_ready(self.port, model, 180, proc)
         # Other workers may already serve the model: wait for this one's own heartbeat.
-        redis = Redis.from_url(self.redis_url)
+        redis = sync_redis(self.redis_url)
         key = f"mg:worker:{socket.gethostname()}-{proc.popen.pid}"
         wait_for(lambda: bool(redis.exists(key)), 180, f"worker {model} to announce itself", proc)
         return proc

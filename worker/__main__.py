@@ -17,12 +17,12 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from celery import signals
-from redis import Redis
 from redis.exceptions import AuthenticationError, RedisError
 
 from shared.keys import Keys
 from shared.logs import configure_logging
 from shared.protocol import WorkerHeartbeat
+from shared.redis_url import sync_redis
 from shared.registry import RegistryError, load_registry
 from worker.cancel import CancelWatcher
 from worker.celery_app import create_celery
@@ -59,7 +59,7 @@ def _redis_accepts(url: str) -> bool:
     to Celery, which keeps reconnecting."""
     where = urlsplit(url)
     try:
-        with Redis.from_url(url, socket_connect_timeout=5, socket_timeout=5) as probe:
+        with sync_redis(url, socket_connect_timeout=5, socket_timeout=5) as probe:
             probe.ping()
     except AuthenticationError as exc:
         logger.error(
@@ -118,7 +118,7 @@ def main() -> int:
             return 3
         engine = Engine(loaded, context_length=entry.serving.context_length)
         device, quantization = loaded.device, loaded.quantization
-    redis = Redis.from_url(settings.redis_url, decode_responses=True, health_check_interval=30)
+    redis = sync_redis(settings.redis_url, decode_responses=True, health_check_interval=30)
     keys = Keys(settings.key_prefix)
     cancels = CancelWatcher(redis, keys)
     leases = LeaseKeeper(
@@ -128,7 +128,7 @@ def main() -> int:
         ttl_s=settings.worker_lease_ttl_s,
         done_ttl_s=settings.job_ttl_s,
     )
-    blobs = Redis.from_url(settings.redis_url, health_check_interval=30)
+    blobs = sync_redis(settings.redis_url, health_check_interval=30)
     runner = JobRunner(
         redis,
         blobs,

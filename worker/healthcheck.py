@@ -10,9 +10,9 @@ from __future__ import annotations
 import socket
 import sys
 
-from redis import Redis
 from redis.exceptions import RedisError
 
+from shared.redis_url import sync_redis
 from worker.settings import WorkerSettings
 
 
@@ -20,7 +20,7 @@ def main() -> int:
     settings = WorkerSettings()
     pattern = f"{settings.key_prefix}:worker:{socket.gethostname()}-*"
     try:
-        redis = Redis.from_url(settings.redis_url, socket_connect_timeout=2, socket_timeout=2)
+        redis = sync_redis(settings.redis_url, socket_connect_timeout=2, socket_timeout=2)
         found = next(iter(redis.scan_iter(pattern, count=1000)), None)
     except RedisError as exc:
         sys.stderr.write(f"unhealthy: Redis unreachable ({type(exc).__name__})\n")

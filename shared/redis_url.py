@@ -1,0 +1,108 @@
+"""One place that turns ``REDIS_URL`` into clients: plain Redis, TLS, password, or Sentinel.
+
+``redis://[:password@]host:port/db`` and ``rediss://`` (TLS) are redis-py's own URLs.
+For failover through Redis Sentinel, redis-py has no URL form, so this project defines one:
+
+    sentinel://[:password@]host1:26379,host2:26379/db?master=mymaster
+
+(the password is the data nodes'; add ``&sentinel_password=...`` if the sentinels need one).
+Clients then ask the sentinels for the current master on every (re)connect, so a failover is
+followed by the gateway, the workers and Celery (kombu's Redis transport speaks Sentinel too).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import parse_qs, unquote, urlsplit
+
+import redis
+import redis.asyncio
+import redis.asyncio.sentinel
+import redis.sentinel
+
+
+class RedisUrlError(ValueError):
+    """REDIS_URL cannot be understood; the message says what is wrong."""
+
+
+@dataclass(frozen=True)
+class SentinelTarget:
+    sentinels: list[tuple[str, int]]
+    master: str
+    db: int
+    password: str | None
+    sentinel_password: str | None
+
+
+def parse_sentinel(url: str) -> SentinelTarget | None:
+    """The Sentinel target of a ``sentinel://`` URL, or None for a plain Redis URL."""
+    if not url.startswith("sentinel://"):
+        return None
+    parts = urlsplit(url)
+    netloc = parts.netloc
+    password = None
+    if "@" in netloc:
+        auth, netloc = netloc.rsplit("@", 1)
+        password = unquote(auth.split(":", 1)[1]) if ":" in auth else unquote(auth)
+    sentinels = []
+    for node in netloc.split(","):
+        host, _, port = node.rpartition(":")
+        if not host or not port.isdigit():
+            raise RedisUrlError(f"REDIS_URL: sentinel {node!r} must be host:port")
+        sentinels.append((host, int(port)))
+    query = parse_qs(parts.query)
+    master = (query.get("master") or [""])[0]
+    if not master:
+        raise RedisUrlError("REDIS_URL: a sentinel:// URL needs ?master=<name of the master>")
+    path = parts.path.strip("/")
+    return SentinelTarget(
+        sentinels=sentinels,
+        master=master,
+        db=int(path) if path.isdigit() else 0,
+        password=password,
+        sentinel_password=query.get("sentinel_password", [None])[0],
+    )
+
+
+def sync_redis(url: str, **kwargs: Any) -> redis.Redis:
+    target = parse_sentinel(url)
+    if target is None:
+        return redis.Redis.from_url(url, **kwargs)
+    sentinel = redis.sentinel.Sentinel(  # type: ignore[no-untyped-call]
+        target.sentinels,
+        sentinel_kwargs={"password": target.sentinel_password},
+        password=target.password,
+        db=target.db,
+        **kwargs,
+    )
+    master: redis.Redis = sentinel.master_for(target.master)  # type: ignore[no-untyped-call]
+    return master
+
+
+def async_redis(url: str, **kwargs: Any) -> redis.asyncio.Redis:
+    target = parse_sentinel(url)
+    if target is None:
+        return redis.asyncio.Redis.from_url(url, **kwargs)
+    sentinel = redis.asyncio.sentinel.Sentinel(  # type: ignore[no-untyped-call]
+        target.sentinels,
+        sentinel_kwargs={"password": target.sentinel_password},
+        password=target.password,
+        db=target.db,
+        **kwargs,
+    )
+    master: redis.asyncio.Redis = sentinel.master_for(target.master)
+    return master
+
+
+def celery_broker(url: str) -> tuple[str, dict[str, Any]]:
+    """Celery's broker URL and the transport options it needs for ``url``."""
+    target = parse_sentinel(url)
+    if target is None:
+        return url, {}
+    auth = f":{target.password}@" if target.password else ""
+    broker = ";".join(f"sentinel://{auth}{h}:{p}/{target.db}" for h, p in target.sentinels)
+    options: dict[str, Any] = {"master_name": target.master}
+    if target.sentinel_password:
+        options["sentinel_kwargs"] = {"password": target.sentinel_password}
+    return broker, options
