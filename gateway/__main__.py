@@ -11,6 +11,7 @@ from gateway.app import create_app
 from gateway.auth import KeyConfigError
 from gateway.settings import GatewaySettings
 from shared.logs import configure_logging
+from shared.redis_url import credentials_refused
 from shared.registry import RegistryError
 
 logger = logging.getLogger("gateway")
@@ -19,6 +20,10 @@ logger = logging.getLogger("gateway")
 def main() -> int:
     settings = GatewaySettings()
     configure_logging(settings.gateway_log_level)
+    refused = credentials_refused(settings.redis_url)
+    if refused:
+        logger.error("cannot start: %s", refused)
+        return 2
     try:
         app = create_app(settings)
     except (RegistryError, KeyConfigError) as exc:

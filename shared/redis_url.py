@@ -20,6 +20,7 @@ import redis
 import redis.asyncio
 import redis.asyncio.sentinel
 import redis.sentinel
+from redis.exceptions import AuthenticationError, RedisError
 
 
 class RedisUrlError(ValueError):
@@ -106,3 +107,23 @@ def celery_broker(url: str) -> tuple[str, dict[str, Any]]:
     if target.sentinel_password:
         options["sentinel_kwargs"] = {"password": target.sentinel_password}
     return broker, options
+
+
+def credentials_refused(url: str) -> str | None:
+    """A message if Redis refuses the credentials in ``url``, else None.
+
+    Checked once at start-up so a wrong password is one clear line, not minutes of
+    reconnect attempts (Celery) or a traceback (the gateway's start-up). Other failures
+    (Redis not up yet) return None: the clients keep reconnecting."""
+    where = urlsplit(url)
+    try:
+        with sync_redis(url, socket_connect_timeout=5, socket_timeout=5) as probe:
+            probe.ping()
+    except AuthenticationError as exc:
+        return (
+            f"Redis at {where.hostname}:{where.port or 6379} refused the credentials in "
+            f"REDIS_URL ({exc}); set the right password (redis://:PASSWORD@host:port/db)"
+        )
+    except (RedisError, OSError):
+        return None
+    return None

@@ -5,6 +5,7 @@ a worker given the wrong one stops at once with one clear line instead of retryi
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -70,3 +71,22 @@ def test_a_worker_with_the_wrong_password_exits_with_one_clear_line(
     with locked.client() as c:
         r = c.get("/readyz")
     assert r.status_code == 200 and json.loads(r.text)["models"]["tiny-gemma"] == 1
+
+
+def test_a_gateway_with_the_wrong_password_exits_with_one_clear_line(
+    locked: Stack, tmp_path: Path
+) -> None:
+    from devstack.processes import spawn
+
+    url = locked.redis_url.replace(PASSWORD, WRONG)
+    log = tmp_path / "gateway.log"
+    env = {**locked.env, "REDIS_URL": url, "GATEWAY_PORT": str(free_port())}
+    proc = spawn("gateway", [sys.executable, "-m", "gateway"], env, log)
+    try:
+        code = proc.popen.wait(timeout=60)
+    finally:
+        proc.stop()
+    text = log.read_text()
+    assert code == 2, text
+    assert "refused the credentials" in text and "Traceback" not in text
+    assert WRONG not in text and PASSWORD not in text

@@ -14,15 +14,13 @@ import sys
 import time
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
-from urllib.parse import urlsplit
 
 from celery import signals
-from redis.exceptions import AuthenticationError, RedisError
 
 from shared.keys import Keys
 from shared.logs import configure_logging
 from shared.protocol import WorkerHeartbeat
-from shared.redis_url import sync_redis
+from shared.redis_url import credentials_refused, sync_redis
 from shared.registry import RegistryError, load_registry
 from worker.cancel import CancelWatcher
 from worker.celery_app import create_celery
@@ -53,28 +51,6 @@ def _gpu_free_bytes(device: str) -> int | None:
     return int(free)
 
 
-def _redis_accepts(url: str) -> bool:
-    """False, after one clear line, if Redis refuses REDIS_URL's credentials: Celery would
-    otherwise retry the login for many minutes. Other failures (Redis not up yet) are left
-    to Celery, which keeps reconnecting."""
-    where = urlsplit(url)
-    try:
-        with sync_redis(url, socket_connect_timeout=5, socket_timeout=5) as probe:
-            probe.ping()
-    except AuthenticationError as exc:
-        logger.error(
-            "Redis at %s:%s refused the credentials in REDIS_URL (%s); set the right password "
-            "(redis://:PASSWORD@host:port/db)",
-            where.hostname,
-            where.port or 6379,
-            exc,
-        )
-        return False
-    except (RedisError, OSError):
-        pass
-    return True
-
-
 def main() -> int:
     settings = WorkerSettings()
     configure_logging(settings.worker_log_level)
@@ -93,7 +69,9 @@ def main() -> int:
             names,
         )
         return 2
-    if not _redis_accepts(settings.redis_url):  # before loading gigabytes of weights
+    refused = credentials_refused(settings.redis_url)  # before loading gigabytes of weights
+    if refused:
+        logger.error("%s", refused)
         return 2
     engine: GenerationEngine
     device, quantization = "none", "none"
