@@ -73,6 +73,7 @@ def write_registry(dest: Path, tiny_dir: Path, only: set[str] | None = None) -> 
     models = [
         tiny_entry("tiny-gemma", str(tiny_dir)),
         tiny_entry("ghost-model", str(tiny_dir)),  # no worker ever serves it
+        tiny_entry("tiny-batch", str(tiny_dir)),  # same weights, a batching worker
         {**tiny_entry("secret-model", str(tiny_dir)), "admin": True},
         # The load-test engine: 20 tokens/s, no model; long, predictable generations.
         tiny_entry(

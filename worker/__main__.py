@@ -22,6 +22,7 @@ from shared.logs import configure_logging
 from shared.protocol import WorkerHeartbeat
 from shared.redis_url import credentials_refused, sync_redis
 from shared.registry import RegistryError, load_registry
+from worker.batching import BatchingEngine
 from worker.cancel import CancelWatcher
 from worker.celery_app import create_celery
 from worker.engine import Engine, GenerationEngine
@@ -95,6 +96,8 @@ def main() -> int:
             logger.error("cannot load %s [%s]: %s", entry.model_name, exc.code, exc)
             return 3
         engine = Engine(loaded, context_length=entry.serving.context_length)
+        if settings.worker_batching == "auto" and settings.worker_concurrency > 1:
+            engine = BatchingEngine(engine, concurrency=settings.worker_concurrency)
         device, quantization = loaded.device, loaded.quantization
     redis = sync_redis(settings.redis_url, decode_responses=True, health_check_interval=30)
     keys = Keys(settings.key_prefix)

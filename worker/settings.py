@@ -25,6 +25,12 @@ class WorkerSettings(CommonSettings):
     worker_concurrency: int = Field(
         default=1, ge=1, le=64, description="Jobs one worker runs at once."
     )
+    worker_batching: Literal["auto", "off"] = Field(
+        default="auto",
+        description="auto: with WORKER_CONCURRENCY > 1, text jobs share the model through "
+        "continuous batching (images and seeded requests run one at a time); off: every job "
+        "runs one at a time.",
+    )
     worker_cpu_quantization: Literal["none", "registry"] = Field(
         default="none",
         description="On a CPU, 'none' runs unquantized (faster here, see docs/BENCHMARKS.md); "
