@@ -31,7 +31,7 @@ from PIL import Image
 from transformers import GenerationConfig
 from transformers.generation.configuration_utils import ContinuousBatchingConfig
 
-from shared.protocol import ChatMessage, SamplingParams, TextPart
+from shared.protocol import ChatMessage, SamplingParams
 from worker.engine import Engine, FinishReason, GenerationResult, _DeltaStreamer
 
 logger = logging.getLogger(__name__)
@@ -107,18 +107,7 @@ class BatchingEngine:
                 continue_text=continue_text,
             )
         engine = self.fallback
-        done_tokens = 0
-        if continue_text:
-            messages = [
-                *messages,
-                ChatMessage(role="assistant", content=[TextPart(text=continue_text)]),
-            ]
-            done_tokens = len(
-                engine.loaded.tokenizer(continue_text, add_special_tokens=False)["input_ids"]
-            )
-            sampling = sampling.model_copy(
-                update={"max_new_tokens": max(1, sampling.max_new_tokens - done_tokens)}
-            )
+        messages, sampling, done_tokens = engine.continuation(messages, sampling, continue_text)
         prompt = engine.build_prompt(messages, sampling.max_new_tokens)
         ids = prompt.inputs["input_ids"][0].tolist()
         max_new = max(1, min(sampling.max_new_tokens, engine.context_length - len(ids)))

@@ -285,6 +285,18 @@ class Engine:
             raise PromptTooLong(n, limit)
         return _Prompt(inputs=inputs, prompt_tokens=n, trimmed=trimmed)
 
+    def continuation(
+        self, messages: Sequence[ChatMessage], sampling: SamplingParams, continue_text: str
+    ) -> tuple[Sequence[ChatMessage], SamplingParams, int]:
+        """For a handed-over job: the partial answer as a final assistant message (the chat
+        template continues it), the answer budget minus its tokens, and that token count."""
+        if not continue_text:
+            return messages, sampling, 0
+        done = len(self.loaded.tokenizer(continue_text, add_special_tokens=False)["input_ids"])
+        partial = ChatMessage(role="assistant", content=[TextPart(text=continue_text)])
+        left = max(1, sampling.max_new_tokens - done)
+        return [*messages, partial], sampling.model_copy(update={"max_new_tokens": left}), done
+
     # -- generation -------------------------------------------------------------------------
 
     def generate(
@@ -302,18 +314,7 @@ class Engine:
         ``images`` maps the key of each :class:`ImagePart` in ``messages`` to its image.
         ``continue_text`` is an answer already sent by a worker that was lost: it is
         prefilled as the start of the answer and generation goes on from it."""
-        done_tokens = 0
-        if continue_text:
-            messages = [
-                *messages,
-                ChatMessage(role="assistant", content=[TextPart(text=continue_text)]),
-            ]
-            done_tokens = len(
-                self.loaded.tokenizer(continue_text, add_special_tokens=False)["input_ids"]
-            )
-            sampling = sampling.model_copy(
-                update={"max_new_tokens": max(1, sampling.max_new_tokens - done_tokens)}
-            )
+        messages, sampling, done_tokens = self.continuation(messages, sampling, continue_text)
         prompt = self.build_prompt(messages, sampling.max_new_tokens, images)
         max_new = max(
             _MIN_ANSWER_TOKENS,
