@@ -50,5 +50,10 @@ lint: venv
 typecheck: venv
 	$(PY) -m mypy
 
+# The first overhead figure of docs/BENCHMARKS.md: the demo model in-process vs through the stack.
+bench-overhead: venv
+	$(PY) bench/serve.py --spawn-stack demo --engine-baseline demo --concurrency 1 \
+		--num-requests 20 --max-tokens 32 --quiet-cpu 15
+
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -45,9 +45,13 @@ What is measured, and how:
   (ms) and their ratio; the same for E2E, and whether the greedy answers were identical.
 * **Spawned stack** (``--spawn-stack``): redis-server, one worker and the gateway on free ports
   of 127.0.0.1 (:mod:`devstack.processes`), a temporary models.json, and an API key made for
-  the run. After the run the worker's log gives, per job, the queue wait (gateway's
-  ``enqueued_at`` to the worker starting the job) and the engine's first-token time, so the
-  stack's TTFT can be split into queue, engine and the rest (HTTP, Redis pub/sub, SSE).
+  the run. Afterwards the gateway's and the worker's logs (millisecond timestamps, one clock)
+  split each request's TTFT: request sent -> job enqueued -> worker started -> first token id
+  (the engine's own timing) -> first ``token`` event at the client.
+* **Noise.** Every phase records how much CPU the machine, this program with the stack it
+  started, and everything else ("foreign") used; more than 5% foreign CPU prints a warning.
+  ``--quiet-cpu PCT`` waits (bounded by ``--quiet-timeout``) for a quiet machine before each
+  phase.
 
 Everything runs on this machine, so on a small CPU the client, the gateway, Redis and the worker
 compete for the same cores: the figures are the cost of the stack *on that machine*, not of the
@@ -495,6 +499,7 @@ def resolve_model(value: str, args: argparse.Namespace, workdir: Path) -> tuple[
         if registry.get(value) is None:
             raise SystemExit(f"{value!r} is neither a path nor a model in {args.models_file}")
         return registry, value
+    workdir.mkdir(parents=True, exist_ok=True)
     dest.write_text(json.dumps([raw], indent=2), encoding="utf-8")
     return load_registry(dest), name
 
@@ -631,6 +636,26 @@ def machine_info() -> dict[str, Any]:
             out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=5).stdout
             info["lscpu_head"] = out.splitlines()[:10]
     return info
+
+
+def source_info() -> dict[str, Any]:
+    """The commit measured and how many files differ from it (read-only git commands)."""
+
+    def git(*argv: str) -> str | None:
+        try:
+            run = subprocess.run(
+                ["git", *argv], cwd=ROOT, capture_output=True, text=True, timeout=10
+            )
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return run.stdout if run.returncode == 0 else None
+
+    head = git("rev-parse", "HEAD")
+    status = git("status", "--porcelain", "--untracked-files=no")
+    return {
+        "git_commit": head.strip() if head else None,
+        "modified_tracked_files": len(status.splitlines()) if status is not None else None,
+    }
 
 
 def _cpu_times() -> tuple[int, int]:
@@ -782,7 +807,13 @@ def print_report(report: dict[str, Any]) -> None:
         )
     ov = report.get("overhead")
     if ov:
-        print("\n== overhead (medians of this run)")
+        closed_one = (
+            report["config"]["request_rate"] is None and (report["config"]["concurrency"] or 1) == 1
+        )
+        print(
+            "\n== overhead (medians of this run)"
+            + ("" if closed_one else ": NOT like for like, the engine ran one request at a time")
+        )
         for key in ("ttft", "e2e"):
             print(
                 f"  {key.upper():<5} stack p50 {_fmt(ov[f'{key}_stack_p50_ms'])} ms  engine p50 "
@@ -931,6 +962,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "command": [Path(sys.executable).name, *sys.argv],
         "machine": machine_info(),
+        "source": source_info(),
         "cpu": {"busy_before_pct": cpu_busy()},
     }
     with _workdir(args.keep_workdir) as workdir:
