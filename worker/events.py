@@ -2,9 +2,9 @@
 
 Each event goes out in one MULTI/EXEC round trip: ``XADD`` to ``{p}:job:{id}:log`` with the
 stream id ``{seq}-0`` (so a reader resumes with ``XRANGE log {seq+1}-0 +``), ``EXPIRE`` on the
-log (a TTL, never MAXLEN: trimming would break resume cursors), then ``PUBLISH`` on the live
-channel. Because the log is written before the publish, a reader that subscribes first and
-then reads the log can never miss an event.
+log with the first and the terminal event (a TTL, never MAXLEN: trimming would break resume
+cursors), then ``PUBLISH`` on the live channel. Because the log is written before the
+publish, a reader that subscribes first and then reads the log can never miss an event.
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ class EventPublisher:
         self._ttl_s = ttl_s
         self.seq = start_seq  # a handed-over job continues the numbering
         self.terminal_sent = False
+        self._ttl_set = False
         self.on_terminal: list[PipelineHook] = []  # run inside the done/error transaction
 
     def _next(self) -> int:
@@ -49,7 +50,11 @@ class EventPublisher:
         log = self._keys.job_log(self.job_id)
         pipe = self._redis.pipeline(transaction=True)
         pipe.xadd(log, {"e": payload}, id=f"{event.seq}-0")
-        pipe.expire(log, self._ttl_s)
+        # The TTL (far longer than any generation) is set with this publisher's first event
+        # and renewed with the last, not on every token: one command less per token.
+        if not self._ttl_set or event.type != "token":
+            pipe.expire(log, self._ttl_s)
+            self._ttl_set = True
         if also is not None:
             also(pipe)
         if event.type != "token":
