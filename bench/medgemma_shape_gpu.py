@@ -64,11 +64,9 @@ from transformers import (
     AutoModelForImageTextToText,
     BitsAndBytesConfig,
     Gemma3Config,
-    Gemma3TextConfig,
-    SiglipVisionConfig,
 )
 
-from devstack.tiny_gemma import gemma3_rope_parameters, medgemma_4b_config  # noqa: E402
+from devstack.tiny_gemma import medgemma_4b_config, tiny_gemma_config  # noqa: E402
 
 GIB = 1024**3
 QUANT_NAMES = ("bf16", "int8", "nf4")
@@ -81,43 +79,8 @@ full_config = medgemma_4b_config  # MedGemma 4B's exact architecture
 
 
 def smoke_config() -> Gemma3Config:
-    """The tiny shape of ``devstack.tiny_gemma`` (vocab 1000, 32 px image, 4 image tokens).
-
-    Layers are at least 64 wide: narrower ones break bitsandbytes' CPU NF4 kernel (block 64).
-    """
-    text = Gemma3TextConfig(
-        vocab_size=1000,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        head_dim=32,
-        query_pre_attn_scalar=32,
-        sliding_window=64,
-        layer_types=["sliding_attention", "full_attention"],
-        rope_parameters=gemma3_rope_parameters(),
-        pad_token_id=0,
-        bos_token_id=2,
-        eos_token_id=[1, 4],
-    )
-    vision = SiglipVisionConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        image_size=32,
-        patch_size=8,
-        vision_use_head=False,
-    )
-    return Gemma3Config(
-        text_config=text,
-        vision_config=vision,
-        mm_tokens_per_image=4,
-        boi_token_index=5,
-        eoi_token_index=6,
-        image_token_index=7,
-    )
+    """The tiny shape of ``devstack.tiny_gemma`` (vocab 1000, 32 px image, 4 image tokens)."""
+    return tiny_gemma_config()
 
 
 @dataclass(frozen=True)

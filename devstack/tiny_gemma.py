@@ -324,6 +324,19 @@ def _image_processor() -> object:
     return Gemma3ImageProcessorPil(**kwargs)
 
 
+def tiny_gemma_config(vocab_size: int = 1000) -> Gemma3Config:
+    """The tiny multimodal config (the tokenizer built here has 1000 entries)."""
+    return Gemma3Config(
+        text_config=_tiny_text_config(vocab_size),
+        vision_config=_tiny_vision_config(),
+        mm_tokens_per_image=TINY_MM_TOKENS_PER_IMAGE,
+        boi_token_index=_IDS[BOI_TOKEN],
+        eoi_token_index=_IDS[EOI_TOKEN],
+        image_token_index=_IDS[IMAGE_TOKEN],
+        tie_word_embeddings=True,
+    )
+
+
 def build_tiny_gemma(dest: Path, *, multimodal: bool = True, seed: int = 0) -> Path:
     """Write a tiny random-weight Gemma 3 model folder to ``dest`` and return ``dest``.
 
@@ -336,25 +349,14 @@ def build_tiny_gemma(dest: Path, *, multimodal: bool = True, seed: int = 0) -> P
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
     tokenizer = _make_tokenizer()
-    text_config = _tiny_text_config(vocab_size=len(tokenizer))
-
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
     try:
         model: PreTrainedModel
         if multimodal:
-            config = Gemma3Config(
-                text_config=text_config,
-                vision_config=_tiny_vision_config(),
-                mm_tokens_per_image=TINY_MM_TOKENS_PER_IMAGE,
-                boi_token_index=_IDS[BOI_TOKEN],
-                eoi_token_index=_IDS[EOI_TOKEN],
-                image_token_index=_IDS[IMAGE_TOKEN],
-                tie_word_embeddings=True,
-            )
-            model = Gemma3ForConditionalGeneration(config)
+            model = Gemma3ForConditionalGeneration(tiny_gemma_config(vocab_size=len(tokenizer)))
         else:
-            model = Gemma3ForCausalLM(text_config)
+            model = Gemma3ForCausalLM(_tiny_text_config(len(tokenizer)))
     finally:
         torch.random.set_rng_state(generator_state)
     model.train(False)  # = eval(); eval() is untyped
