@@ -164,7 +164,12 @@ class _FakeHub(BaseHTTPRequestHandler):
 
 @pytest.fixture
 def fake_hub(no_hf_env: None, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _FakeHub)
+    yield from serve_hub(_FakeHub, monkeypatch)
+
+
+def serve_hub(handler: type[_FakeHub], monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """Run ``handler`` as the Hugging Face hub on a free local port for one test."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(
         target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
     )

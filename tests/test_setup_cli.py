@@ -13,7 +13,6 @@ import os
 import re
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,7 +23,7 @@ import pytest
 import torch
 
 from shared.registry import ModelEntry, Registry
-from tests.test_loader import SECRET_TOKEN, _closed_port, _FakeHub
+from tests.test_loader import SECRET_TOKEN, _closed_port, _FakeHub, serve_hub
 from worker.cli import main
 from worker.loader import load_model
 from worker.setup_checks import (
@@ -98,21 +97,7 @@ class _AccountsHub(_FakeHub):
 
 @pytest.fixture
 def accounts_hub(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
-    from http.server import ThreadingHTTPServer
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _AccountsHub)
-    thread = threading.Thread(
-        target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
-    )
-    thread.start()
-    endpoint = f"http://127.0.0.1:{server.server_address[1]}"
-    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", endpoint)
-    _FakeHub.seen_auth.clear()
-    try:
-        yield endpoint
-    finally:
-        server.shutdown()
-        server.server_close()
+    yield from serve_hub(_AccountsHub, monkeypatch)
 
 
 def _entry(name: str, **serving: Any) -> dict[str, Any]:
