@@ -50,8 +50,11 @@ class QueueBook:
 
     async def depth(self, model: str) -> int:
         key = self._keys.queue_book(model)
-        await self._redis.zremrangebyscore(key, "-inf", time.time() - self._queue_timeout_s)
-        return int(await self._redis.zcard(key))
+        pipe = self._redis.pipeline(transaction=False)  # one round trip
+        pipe.zremrangebyscore(key, "-inf", time.time() - self._queue_timeout_s)
+        pipe.zcard(key)
+        _, depth = await pipe.execute()
+        return int(depth)
 
     async def admit(self, job: Job, bound: int) -> None:
         """Book ``job`` in its model's line, or refuse it with 429 if the line is full."""
