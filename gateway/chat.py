@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
+from redis.asyncio.client import Pipeline
 from redis.exceptions import RedisError
 
 from gateway.auth import Principal
@@ -94,12 +95,13 @@ class ChatService:
         self._check_images(entry, [new, *earlier])
         job_id = new_id()
         ref: ConversationRef | None = None
+        stored: list[ChatMessage] | None = None
         if conversation_id is not None:
             ref = ConversationRef(user_id=principal.user_id, conversation_id=conversation_id)
-            locked = await self.conversations.lock(
+            stored = await self.conversations.lock(
                 principal.user_id, conversation_id, job_id, self._lock_ttl_s
             )
-            if not locked:
+            if stored is None:
                 raise APIError(
                     409,
                     ErrorCode.CONVERSATION_BUSY,
@@ -110,26 +112,21 @@ class ChatService:
         enqueued = False
         try:
             store = _ImageStore(job_id, self.jobs.image_key)
-            history = [store.message(m) for m in earlier]
-            if ref is not None:
-                history = await self.conversations.history(principal.user_id, ref.conversation_id)
-                await self.conversations.add_job(principal.user_id, ref.conversation_id, job_id)
+            history = stored if stored is not None else [store.message(m) for m in earlier]
             messages: list[ChatMessage] = []
             if system:
                 messages.append(ChatMessage(role="system", content=[TextPart(text=system)]))
             messages += history
             messages.append(store.message(new))
             await self._store_images(store)
-            await self.jobs.record(
-                JobMeta(
-                    job_id=job_id,
-                    owner=owner_tag(principal.user_id),
-                    model=entry.model_name,
-                    api=api,
-                    conversation_id=conversation_id,
-                    created=int(time.time()),
-                    include_usage=include_usage,
-                )
+            meta = JobMeta(
+                job_id=job_id,
+                owner=owner_tag(principal.user_id),
+                model=entry.model_name,
+                api=api,
+                conversation_id=conversation_id,
+                created=int(time.time()),
+                include_usage=include_usage,
             )
             now = time.time()
             job = Job(
@@ -141,7 +138,14 @@ class ChatService:
                 enqueued_at=now,
                 start_deadline=now + self._queue_timeout_s,
             )
-            async with self.jobs.submit(job, entry.queue, max_queue=entry.serving.max_queue) as sub:
+
+            def remember(pipe: Pipeline) -> None:
+                if ref is not None:
+                    self.conversations.add_job(pipe, ref.user_id, ref.conversation_id, job_id)
+
+            async with self.jobs.submit(
+                job, entry.queue, max_queue=entry.serving.max_queue, meta=meta, also=remember
+            ) as sub:
                 enqueued = True  # from now on the worker releases the lock
                 yield Turn(job=job, sub=sub, conversation_id=conversation_id)
         finally:

@@ -13,6 +13,7 @@ from typing import cast
 
 from pydantic import BaseModel
 from redis.asyncio import Redis
+from redis.asyncio.client import Pipeline
 
 from shared.keys import Keys
 from shared.protocol import ChatMessage
@@ -40,17 +41,26 @@ class ConversationStore:
         raw = await self._redis.lrange(self._keys.conversation(user_id, conversation_id), 0, -1)
         return [ChatMessage.model_validate_json(r) for r in raw]
 
-    async def lock(self, user_id: str, conversation_id: str, job_id: str, ttl_s: int) -> bool:
-        key = self._keys.conversation_lock(user_id, conversation_id)
-        return bool(await self._redis.set(key, job_id, nx=True, ex=ttl_s))
-
-    async def add_job(self, user_id: str, conversation_id: str, job_id: str) -> None:
-        """Remember the job, so erasing the conversation also erases the job's event log."""
-        key = self._keys.conversation_jobs(user_id, conversation_id)
+    async def lock(
+        self, user_id: str, conversation_id: str, job_id: str, ttl_s: int
+    ) -> list[ChatMessage] | None:
+        """Take the conversation's turn lock for ``job_id`` and read its history, in one
+        round trip; None if another turn holds the lock. (A finished turn appends its answer
+        and releases the lock in one transaction, so a lock taken here sees that answer.)"""
         pipe = self._redis.pipeline(transaction=True)
+        pipe.set(self._keys.conversation_lock(user_id, conversation_id), job_id, nx=True, ex=ttl_s)
+        pipe.lrange(self._keys.conversation(user_id, conversation_id), 0, -1)
+        locked, raw = await pipe.execute()
+        if not locked:
+            return None
+        return [ChatMessage.model_validate_json(r) for r in raw]
+
+    def add_job(self, pipe: Pipeline, user_id: str, conversation_id: str, job_id: str) -> None:
+        """Queue the commands that remember the job, so erasing the conversation also erases
+        the job's event log."""
+        key = self._keys.conversation_jobs(user_id, conversation_id)
         pipe.sadd(key, job_id)
         pipe.expire(key, self._ttl_s)
-        await pipe.execute()
 
     async def unlock(self, user_id: str, conversation_id: str, job_id: str) -> None:
         key = self._keys.conversation_lock(user_id, conversation_id)

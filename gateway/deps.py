@@ -62,8 +62,8 @@ async def rate_limited(
 
     Counted in Redis, so the limits hold across gateway processes. Over a limit: 429 with a
     Retry-After computed from the window."""
-    await state.limiter.hit(principal.user_id)  # RateLimited becomes a 429 (gateway/errors.py)
-    return state.limiter.stream(principal.user_id) if stream else contextlib.nullcontext()
+    # One round trip for both limits; RateLimited becomes a 429 (gateway/errors.py).
+    return await state.limiter.admit(principal.user_id, stream=stream)
 
 
 def visible_model(state: AppState, principal: Principal, name: str) -> ModelEntry:

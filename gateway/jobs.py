@@ -14,12 +14,13 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 import anyio
 from celery import Celery
 from redis.asyncio import Redis
+from redis.asyncio.client import Pipeline
 from redis.exceptions import RedisError
 
 from gateway.errors import APIError
@@ -71,11 +72,6 @@ class JobService:
 
     # -- job records, cancellation, watchers -------------------------------------------------
 
-    async def record(self, meta: JobMeta) -> None:
-        await self._redis.set(
-            self._keys.job_meta(meta.job_id), meta.model_dump_json(), ex=self._job_ttl_s
-        )
-
     async def meta(self, job_id: str) -> JobMeta | None:
         raw = await self._redis.get(self._keys.job_meta(job_id))
         return None if raw is None else JobMeta.model_validate_json(raw)
@@ -121,13 +117,13 @@ class JobService:
         for task in list(self._pending):
             task.cancel()
 
+    def _count_live(self, pipe: Pipeline, model: str) -> None:
+        pipe.zcount(self._keys.workers(model), time.time() - self._heartbeat_ttl_s, "+inf")
+
     async def live_workers(self, model: str, *, besides: str | None = None) -> int:
         """Workers serving ``model`` with a fresh heartbeat (not counting ``besides``)."""
-        now = time.time()
         key = self._keys.workers(model)
-        if besides is None:
-            return int(await self._redis.zcount(key, now - self._heartbeat_ttl_s, "+inf"))
-        ids = await self._redis.zrangebyscore(key, now - self._heartbeat_ttl_s, "+inf")
+        ids = await self._redis.zrangebyscore(key, time.time() - self._heartbeat_ttl_s, "+inf")
         return sum(1 for i in ids if i != besides)
 
     def image_key(self, job_id: str, n: int) -> str:
@@ -156,12 +152,27 @@ class JobService:
         )
 
     @contextlib.asynccontextmanager
-    async def submit(self, job: Job, queue: str, *, max_queue: int) -> AsyncIterator[Subscription]:
+    async def submit(
+        self,
+        job: Job,
+        queue: str,
+        *,
+        max_queue: int,
+        meta: JobMeta,
+        also: Callable[[Pipeline], None] | None = None,
+    ) -> AsyncIterator[Subscription]:
         """Enqueue ``job`` with its subscription already live; the subscription ends on exit.
 
-        503 at once if no worker serves the model; 429 if its line is full."""
+        503 at once if no worker serves the model; 429 if its line is full. The job's record
+        (``meta``), payload, place in line and ``also``'s commands are written in one
+        transaction, while the subscription is being confirmed: three round trips to Redis
+        before the Celery message, whatever the request."""
         try:
-            if await self.live_workers(job.model) == 0:
+            pipe = self._redis.pipeline(transaction=False)
+            self._count_live(pipe, job.model)
+            self.book.count(pipe, job.model)
+            live, _, depth = await pipe.execute()
+            if int(live) == 0:
                 raise APIError(
                     503,
                     ErrorCode.MODEL_UNAVAILABLE,
@@ -169,10 +180,18 @@ class JobService:
                     "it or pick another model (GET /models shows which are available).",
                     headers={"Retry-After": "10"},
                 )
-            await self.book.admit(job, max_queue)
-            async with self._relay.subscribe(job.job_id) as sub:
-                await self._redis.set(
+            await self.book.refuse_if_full(job, int(depth), max_queue)
+            async with contextlib.AsyncExitStack() as stack:
+                txn = self._redis.pipeline(transaction=True)
+                txn.set(self._keys.job_meta(job.job_id), meta.model_dump_json(), ex=self._job_ttl_s)
+                txn.set(
                     self._keys.job_payload(job.job_id), job.model_dump_json(), ex=self._job_ttl_s
+                )
+                self.book.add(txn, job)
+                if also is not None:
+                    also(txn)
+                sub, _ = await asyncio.gather(
+                    stack.enter_async_context(self._relay.subscribe(job.job_id)), txn.execute()
                 )
                 try:
                     await anyio.to_thread.run_sync(self._send, job, queue)

@@ -21,6 +21,7 @@ import time
 from typing import cast
 
 from redis.asyncio import Redis
+from redis.asyncio.client import Pipeline
 
 from gateway.errors import APIError
 from shared.errors import ErrorCode
@@ -48,34 +49,42 @@ class QueueBook:
         oldest = min(float(score) for _job, score in rows)
         return len(rows) / min(QUEUE_WINDOW_S, max(MIN_SPAN_S, now - oldest))
 
-    async def depth(self, model: str) -> int:
+    def count(self, pipe: Pipeline, model: str) -> None:
+        """Queue the commands that count ``model``'s line (two results; the second is the
+        depth), so callers can batch them with their own."""
         key = self._keys.queue_book(model)
-        pipe = self._redis.pipeline(transaction=False)  # one round trip
         pipe.zremrangebyscore(key, "-inf", time.time() - self._queue_timeout_s)
         pipe.zcard(key)
+
+    async def depth(self, model: str) -> int:
+        pipe = self._redis.pipeline(transaction=False)  # one round trip
+        self.count(pipe, model)
         _, depth = await pipe.execute()
         return int(depth)
 
-    async def admit(self, job: Job, bound: int) -> None:
-        """Book ``job`` in its model's line, or refuse it with 429 if the line is full."""
-        depth = await self.depth(job.model)
-        if depth >= bound:
-            rate = await self.drain_rate(job.model)
-            wait = max(1, math.ceil((depth - bound + 1) / rate))
-            raise APIError(
-                429,
-                ErrorCode.QUEUE_FULL,
-                f"{depth} requests are already waiting for {job.model!r}; at the current pace "
-                f"there is room in about {wait} s.",
-                headers={"Retry-After": str(wait)},
-            )
-        await self.book(job)
+    async def refuse_if_full(self, job: Job, depth: int, bound: int) -> None:
+        """429 if ``depth`` jobs already wait and the line holds ``bound``."""
+        if depth < bound:
+            return
+        rate = await self.drain_rate(job.model)
+        wait = max(1, math.ceil((depth - bound + 1) / rate))
+        raise APIError(
+            429,
+            ErrorCode.QUEUE_FULL,
+            f"{depth} requests are already waiting for {job.model!r}; at the current pace "
+            f"there is room in about {wait} s.",
+            headers={"Retry-After": str(wait)},
+        )
 
-    async def book(self, job: Job) -> None:
+    def add(self, pipe: Pipeline, job: Job) -> None:
+        """Queue the commands that book ``job`` in its model's line."""
         key = self._keys.queue_book(job.model)
-        pipe = self._redis.pipeline(transaction=True)
         pipe.zadd(key, {job.job_id: job.enqueued_at})
         pipe.expire(key, int(self._queue_timeout_s * 2) + 60)
+
+    async def book(self, job: Job) -> None:
+        pipe = self._redis.pipeline(transaction=True)
+        self.add(pipe, job)
         await pipe.execute()
 
     async def forget(self, job: Job) -> None:

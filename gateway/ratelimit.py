@@ -46,25 +46,42 @@ RELEASE_TIMEOUT_S = 2.0
 
 Limit = Literal["requests_per_minute", "concurrent_streams"]
 
-# KEYS[1]: the sorted set. ARGV: now, the new member's score, limit, the member, and the
-# lifetime: a member is gone once now >= its score + lifetime. Returns {1, ""} when the member
-# was added, else {0, "<time at which a slot frees>"} (a string: Lua numbers would be truncated
-# to integers on the way out).
+# One script takes both limits in one round trip, atomically. KEYS: the requests-per-minute
+# set, the streams set. ARGV: now, rpm limit, rpm member, streams limit, stream token, a
+# stream's lifetime, the rpm window; a limit of 0 skips that set. A member is gone once
+# now >= its score + lifetime (score: the request's time; a stream token's expiry). Returns
+# {1, ""} when everything asked was taken, else {0 (rpm) or 2 (streams), "<time at which a
+# slot frees>"} with nothing taken (a string: Lua numbers would be truncated to integers on
+# the way out).
 _TAKE = """
-local key = KEYS[1]
 local now = tonumber(ARGV[1])
-local limit = tonumber(ARGV[3])
-local lifetime = tonumber(ARGV[5])
-redis.call('ZREMRANGEBYSCORE', key, '-inf', now - lifetime)
-local count = redis.call('ZCARD', key)
-if count >= limit then
-  local blocker = redis.call('ZRANGE', key, count - limit, count - limit, 'WITHSCORES')
-  return {0, tostring(tonumber(blocker[2]) + lifetime)}
+local function take(key, score, limit, member, lifetime)
+  redis.call('ZREMRANGEBYSCORE', key, '-inf', now - lifetime)
+  local count = redis.call('ZCARD', key)
+  if count >= limit then
+    local blocker = redis.call('ZRANGE', key, count - limit, count - limit, 'WITHSCORES')
+    return tostring(tonumber(blocker[2]) + lifetime)
+  end
+  redis.call('ZADD', key, score, member)
+  local newest = redis.call('ZRANGE', key, -1, -1, 'WITHSCORES')
+  local ttl_ms = math.ceil((tonumber(newest[2]) + lifetime - now) * 1000)
+  redis.call('PEXPIRE', key, math.max(ttl_ms, 1000))
+  return nil
 end
-redis.call('ZADD', key, ARGV[2], ARGV[4])
-local newest = redis.call('ZRANGE', key, -1, -1, 'WITHSCORES')
-local ttl_ms = math.ceil((tonumber(newest[2]) + lifetime - now) * 1000)
-redis.call('PEXPIRE', key, math.max(ttl_ms, 1000))
+local rpm = tonumber(ARGV[2])
+local streams = tonumber(ARGV[4])
+if rpm > 0 then
+  local frees = take(KEYS[1], now, rpm, ARGV[3], tonumber(ARGV[7]))
+  if frees then return {0, frees} end
+end
+if streams > 0 then
+  local lifetime = tonumber(ARGV[6])
+  local frees = take(KEYS[2], now + lifetime, streams, ARGV[5], 0)
+  if frees then
+    if rpm > 0 then redis.call('ZREM', KEYS[1], ARGV[3]) end
+    return {2, frees}
+  end
+end
 return {1, ""}
 """
 
@@ -101,50 +118,64 @@ class RateLimiter:
     def _key(self, user_id: str, kind: str) -> str:
         return f"{self._prefix}:rl:{owner_tag(user_id)}:{kind}"
 
-    async def _try_take(
-        self, key: str, now: float, score: float, limit: int, member: str, lifetime: float
-    ) -> float | None:
-        """Take a slot: None when taken, else the time at which one frees."""
-        added, frees_at = await self._take(
-            keys=[key], args=[repr(now), repr(score), limit, member, repr(lifetime)]
-        )
-        return None if int(added) else float(frees_at)
+    async def admit(
+        self, user_id: str, *, stream: bool
+    ) -> contextlib.AbstractAsyncContextManager[None]:
+        """Count one request of ``user_id`` and, for a stream, take one of their stream slots,
+        in one round trip. RateLimited if either limit is reached (then nothing is taken).
+        Returns a context manager that holds the slot until its block ends."""
+        return await self._admit(user_id, self._rpm, self._streams if stream else 0)
 
-    async def hit(self, user_id: str) -> None:
-        """Count one request of ``user_id``; RateLimited if the last minute is full."""
-        if not self._rpm:
-            return
+    async def _admit(
+        self, user_id: str, rpm: int, streams: int
+    ) -> contextlib.AbstractAsyncContextManager[None]:
+        if not rpm and not streams:
+            return contextlib.nullcontext()
         now = self._clock()
-        member = f"{now!r}:{secrets.token_hex(6)}"
-        frees_at = await self._try_take(
-            self._key(user_id, "rpm"), now, now, self._rpm, member, WINDOW_S
+        token = secrets.token_hex(12)
+        status, frees_at = await self._take(
+            keys=[self._key(user_id, "rpm"), self._key(user_id, "streams")],
+            args=[
+                repr(now),
+                rpm,
+                f"{now!r}:{secrets.token_hex(6)}",
+                streams,
+                token,
+                self._stream_ttl_s,
+                repr(WINDOW_S),
+            ],
         )
-        if frees_at is not None:
-            retry = max(1, math.ceil(frees_at - now))
+        if int(status) == 0:
+            retry = max(1, math.ceil(float(frees_at) - now))
             raise RateLimited(
                 "requests_per_minute",
                 retry,
                 f"Rate limit: {self._rpm} requests per minute. Retry in {retry} s.",
             )
-
-    @contextlib.asynccontextmanager
-    async def stream(self, user_id: str) -> AsyncIterator[None]:
-        """Hold one of ``user_id``'s concurrent-stream slots for the block's duration."""
-        if not self._streams:
-            yield
-            return
-        key = self._key(user_id, "streams")
-        token = secrets.token_hex(12)
-        now = self._clock()
-        frees_at = await self._try_take(key, now, now + self._stream_ttl_s, self._streams, token, 0)
-        if frees_at is not None:
-            retry = min(STREAM_RETRY_HINT_S, max(1, math.ceil(frees_at - now)))
+        if int(status) == 2:
+            retry = min(STREAM_RETRY_HINT_S, max(1, math.ceil(float(frees_at) - now)))
             raise RateLimited(
                 "concurrent_streams",
                 retry,
                 f"Rate limit: {self._streams} concurrent streams. Retry in {retry} s, or when "
                 "one of your streams ends.",
             )
+        if not streams:
+            return contextlib.nullcontext()
+        return self._holding(self._key(user_id, "streams"), token)
+
+    async def hit(self, user_id: str) -> None:
+        """Count one request of ``user_id``; RateLimited if the last minute is full."""
+        await self._admit(user_id, self._rpm, 0)
+
+    @contextlib.asynccontextmanager
+    async def stream(self, user_id: str) -> AsyncIterator[None]:
+        """Hold one of ``user_id``'s concurrent-stream slots for the block's duration."""
+        async with await self._admit(user_id, 0, self._streams):
+            yield
+
+    @contextlib.asynccontextmanager
+    async def _holding(self, key: str, token: str) -> AsyncIterator[None]:
         try:
             yield
         finally:

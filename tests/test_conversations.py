@@ -85,7 +85,7 @@ def test_lock_is_exclusive(server: fakeredis.FakeServer) -> None:
         first = await store.lock(ALICE, "c1", "job-aaaaaaaa", TTL_S)
         second = await store.lock(ALICE, "c1", "job-bbbbbbbb", TTL_S)
         other_conversation = await store.lock(ALICE, "c2", "job-bbbbbbbb", TTL_S)
-        return first, second, other_conversation
+        return first is not None, second is not None, other_conversation is not None
 
     assert run_store(server, go) == (True, False, True)
 
@@ -97,7 +97,7 @@ def test_only_the_holder_releases_the_lock(
     ref = ConversationRef(user_id=ALICE, conversation_id="c1")
 
     async def take(store: ConversationStore) -> bool:
-        return await store.lock(ALICE, "c1", "job-holder1", TTL_S)
+        return await store.lock(ALICE, "c1", "job-holder1", TTL_S) is not None
 
     assert run_store(server, take)
     assert 0 < sync_redis.ttl(lock_key) <= TTL_S
@@ -106,12 +106,12 @@ def test_only_the_holder_releases_the_lock(
     writer.release(ref, "job-intruder")
     run_store(server, lambda s: s.unlock(ALICE, "c1", "job-intruder"))
     assert sync_redis.get(lock_key) == "job-holder1"
-    assert not run_store(server, lambda s: s.lock(ALICE, "c1", "job-other1", TTL_S))
+    assert run_store(server, lambda s: s.lock(ALICE, "c1", "job-other1", TTL_S)) is None
 
     # The worker, holding the job id, releases it; a new turn can then lock.
     writer.release(ref, "job-holder1")
     assert sync_redis.get(lock_key) is None
-    assert run_store(server, lambda s: s.lock(ALICE, "c1", "job-next1", TTL_S))
+    assert run_store(server, lambda s: s.lock(ALICE, "c1", "job-next1", TTL_S)) == []
 
     # The gateway's unlock with the right id works too.
     run_store(server, lambda s: s.unlock(ALICE, "c1", "job-next1"))
@@ -197,8 +197,11 @@ def test_users_with_the_same_conversation_id_are_separate(
     assert (n_alice, n_bob) == (1, 1)
 
     # One user's lock does not block the other.
-    assert run_store(server, lambda s: s.lock(ALICE, "shared-id", "job-alice1", TTL_S))
-    assert run_store(server, lambda s: s.lock(BOB, "shared-id", "job-bob0001", TTL_S))
+    # (and the lock hands each their own history)
+    taken = run_store(server, lambda s: s.lock(ALICE, "shared-id", "job-alice1", TTL_S))
+    assert [m.text for m in taken or []] == alice
+    taken = run_store(server, lambda s: s.lock(BOB, "shared-id", "job-bob0001", TTL_S))
+    assert [m.text for m in taken or []] == bob
 
     # Bob deleting his does not touch Alice's.
     assert run_store(server, lambda s: s.delete(BOB, "shared-id"))

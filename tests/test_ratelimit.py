@@ -239,6 +239,27 @@ def test_zero_disables_and_keys_are_opaque_with_ttls() -> None:
     run(go)
 
 
+def test_one_call_takes_both_limits_or_neither() -> None:
+    """admit() counts the request and takes a stream slot in one round trip; refused by the
+    stream limit, the request is not counted against the minute either."""
+
+    async def go(server: fakeredis.FakeServer, clock: Clock) -> None:
+        rl = limiter(server, clock, rpm=2, streams=1, stream_ttl_s=900)
+        async with await rl.admit(ALICE, stream=True):
+            with pytest.raises(RateLimited) as err:
+                await rl.admit(ALICE, stream=True)
+            assert err.value.limit == "concurrent_streams"
+            await rl.admit(ALICE, stream=False)  # the refused one did not use up the minute
+            with pytest.raises(RateLimited) as err:
+                await rl.admit(ALICE, stream=False)
+            assert err.value.limit == "requests_per_minute"
+        clock.now = T0 + 60
+        async with await rl.admit(ALICE, stream=True):  # the slot was released on exit
+            pass
+
+    run(go)
+
+
 def test_bad_settings_are_refused() -> None:
     server, clock = fakeredis.FakeServer(), Clock()
     with pytest.raises(ValueError):
