@@ -38,6 +38,13 @@ class RelayUnavailable(ConnectionError):
     """The relay lost Redis; the stream cannot go on."""
 
 
+class StreamInterrupted(Exception):
+    """The stream's reader was asked to stop (the gateway is shutting down)."""
+
+
+_WAKE = ""  # never an event's payload: wakes a waiting reader to look at its flags
+
+
 @dataclass(eq=False)
 class Subscription:
     job_id: str
@@ -46,6 +53,7 @@ class Subscription:
     confirmed: asyncio.Event = field(default_factory=asyncio.Event)
     overflowed: bool = False
     broken: bool = False
+    interrupted: bool = False
 
     def deliver(self, data: str) -> None:
         try:
@@ -57,6 +65,12 @@ class Subscription:
         self.broken = True
         with contextlib.suppress(asyncio.QueueFull):
             self.queue.put_nowait(None)
+
+    def interrupt(self) -> None:
+        """Make :meth:`Relay.events` raise :class:`StreamInterrupted` at its next step."""
+        self.interrupted = True
+        with contextlib.suppress(asyncio.QueueFull):  # a full queue is read from at once
+            self.queue.put_nowait(_WAKE)
 
 
 class Relay:
@@ -155,8 +169,9 @@ class Relay:
     ) -> AsyncIterator[Event]:
         """The job's events after ``after_seq``, in order, without gaps or duplicates.
 
-        Ends after a terminal event. Raises :class:`TimeoutError` when no event comes in time
-        and :class:`RelayUnavailable` when Redis is lost.
+        Ends after a terminal event. Raises :class:`TimeoutError` when no event comes in time,
+        :class:`RelayUnavailable` when Redis is lost and :class:`StreamInterrupted` once
+        ``sub`` is interrupted.
         """
         last = after_seq
         pending = await self.backfill(sub.job_id, last)
@@ -171,10 +186,16 @@ class Relay:
                     return
                 timeout = idle_timeout_s
             pending = []
+            if sub.interrupted:
+                raise StreamInterrupted
             if sub.broken:
                 raise RelayUnavailable("lost the connection to Redis")
             try:
-                data = await asyncio.wait_for(sub.queue.get(), timeout)
+                if sub.queue.empty():  # (asyncio.timeout: no task per event, unlike wait_for)
+                    async with asyncio.timeout(timeout):
+                        data = await sub.queue.get()
+                else:
+                    data = sub.queue.get_nowait()
             except TimeoutError:
                 # One last look at the log before giving up (covers a dropped subscription).
                 pending = await self.backfill(sub.job_id, last)
@@ -183,6 +204,8 @@ class Relay:
                 raise
             if data is None:
                 raise RelayUnavailable("lost the connection to Redis")
+            if data == _WAKE:
+                continue
             event = decode_event(data)
             if event.seq > last + 1 or sub.overflowed:
                 sub.overflowed = False

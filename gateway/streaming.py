@@ -24,7 +24,7 @@ from gateway.auditing import AuditInfo
 from gateway.chat import ChatService
 from gateway.jobs import JobService, StreamEvent
 from gateway.metrics import StreamTimer
-from gateway.relay import Subscription
+from gateway.relay import StreamInterrupted, Subscription
 from shared.errors import ErrorCode, ErrorInfo
 from shared.protocol import TERMINAL_TYPES, DoneEvent, ErrorEvent, Job, QueuedEvent, TokenEvent
 
@@ -237,21 +237,21 @@ class JobStream:
         )
 
     async def _until(self, bye: anyio.Event) -> AsyncIterator[StreamEvent | None]:
-        """The events, or None once the gateway starts shutting down."""
-        events = self._all()
-        stop = asyncio.ensure_future(bye.wait())
+        """The events, or None once the gateway starts shutting down.
+
+        Shutdown interrupts the subscription (the relay then raises at its next step), so
+        relaying an event costs no task or wait set of its own."""
+
+        async def watch() -> None:
+            await bye.wait()
+            self._sub.interrupt()
+
+        stop = asyncio.ensure_future(watch())
         try:
-            while True:
-                step = asyncio.ensure_future(anext(events))
-                done, _ = await asyncio.wait({step, stop}, return_when=asyncio.FIRST_COMPLETED)
-                if step not in done:
-                    step.cancel()
-                    yield None
-                    return
-                try:
-                    yield step.result()
-                except StopAsyncIteration:
-                    return
+            async for event in self._all():
+                yield event
+        except StreamInterrupted:
+            yield None
         finally:
             stop.cancel()
 
