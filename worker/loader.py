@@ -194,21 +194,7 @@ def load_model(
     if quantization != "none":
         _check_bitsandbytes(entry.model_name, quantization)
 
-    token = hf_token if hf_token is not None else hf_token_from_env()
-    if serving.repo_id is not None:
-        folder = _download_snapshot(serving.repo_id, serving.revision, token, cache_dir)
-    elif serving.path is not None:
-        folder = _local_weights(registry.resolve_path(serving.path), registry, cache_dir)
-    elif serving.package_file is not None:
-        found = _package_file(serving.package_file.package, serving.package_file.file)
-        folder = _local_weights(found, registry, cache_dir)
-    else:  # only a serving.engine="loadtest" entry may have no source, and it loads no model
-        raise ModelLoadError(
-            "weights_not_found",
-            f"model {entry.model_name} has no weights source: set serving.repo_id, path or "
-            "package_file",
-        )
-
+    folder = weights_folder(entry, registry, hf_token=hf_token, cache_dir=cache_dir)
     model, tokenizer, processor = _load_folder(
         folder, name=entry.model_name, device=dev, quantization=quantization, dtype=dtype
     )
@@ -236,6 +222,33 @@ def load_model(
 
 
 # --- weights sources -------------------------------------------------------------------------
+
+
+def weights_folder(
+    entry: ModelEntry,
+    registry: Registry,
+    *,
+    hf_token: str | None = None,
+    cache_dir: Path | None = None,
+) -> Path:
+    """The local folder (config, tokenizer, weights) of ``entry``: a hub snapshot (downloaded
+    if needed), a local folder, or a ``.gguf`` file converted once into a folder. Raises
+    :class:`ModelLoadError`."""
+    serving = entry.serving
+    token = hf_token if hf_token is not None else hf_token_from_env()
+    if serving.repo_id is not None:
+        return _download_snapshot(serving.repo_id, serving.revision, token, cache_dir)
+    if serving.path is not None:
+        return _local_weights(registry.resolve_path(serving.path), registry, cache_dir)
+    if serving.package_file is not None:
+        found = _package_file(serving.package_file.package, serving.package_file.file)
+        return _local_weights(found, registry, cache_dir)
+    # Only a serving.engine="loadtest" entry may have no source, and it loads no model.
+    raise ModelLoadError(
+        "weights_not_found",
+        f"model {entry.model_name} has no weights source: set serving.repo_id, path or "
+        "package_file",
+    )
 
 
 def _hub_offline() -> bool:
