@@ -98,6 +98,7 @@ from devstack.processes import (  # noqa: E402
     start_gateway,
     start_redis,
     start_worker,
+    wait_for,
     wait_ready,
 )
 from shared.protocol import ChatMessage, SamplingParams, TextPart  # noqa: E402
@@ -108,6 +109,8 @@ if TYPE_CHECKING:
 
 DEMO_MODEL = "smollm2-demo"
 LOCAL_MODEL = "bench-local"
+LOADTEST = "loadtest"  # --spawn-stack / --engine-baseline value
+LOADTEST_MODEL = "bench-loadtest"
 DEFAULT_SPAWN_KEY = "bench-local-key"
 PERCENTILES = (50.0, 90.0, 99.0)
 FOREIGN_CPU_WARN_PCT = 5.0
@@ -133,6 +136,12 @@ def synthetic_prompt(words: int) -> str:
 
 
 def request_body(args: argparse.Namespace, prompt: str) -> dict[str, Any]:
+    if args.api == "openai":
+        return openai_body(args, prompt)
+    return medgemma_body(args, prompt)
+
+
+def medgemma_body(args: argparse.Namespace, prompt: str) -> dict[str, Any]:
     body: dict[str, Any] = {
         "model": args.model,
         "user_message": [{"type": "text", "text": prompt}],
@@ -143,6 +152,24 @@ def request_body(args: argparse.Namespace, prompt: str) -> dict[str, Any]:
         body["verbosity"] = args.verbosity
     if args.system_message:
         body["system_message"] = args.system_message
+    return body
+
+
+def openai_body(args: argparse.Namespace, prompt: str) -> dict[str, Any]:
+    """The same turn as an OpenAI chat completion (any OpenAI-compatible server)."""
+    messages: list[dict[str, str]] = []
+    if args.system_message:
+        messages.append({"role": "system", "content": args.system_message})
+    messages.append({"role": "user", "content": prompt})
+    body: dict[str, Any] = {
+        "model": args.model,
+        "messages": messages,
+        "temperature": 0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    if args.max_tokens:
+        body["max_tokens"] = args.max_tokens
     return body
 
 
@@ -292,6 +319,66 @@ async def stream_one(
     return res
 
 
+async def stream_openai(
+    client: httpx.AsyncClient, body: dict[str, Any], index: int, t0: float
+) -> RequestResult:
+    """POST /v1/chat/completions (stream, usage) and time its chunks: the same figures as
+    :func:`stream_one`, from any OpenAI-compatible server (ours, ``transformers serve``)."""
+    sent = time.perf_counter()
+    res = RequestResult(index=index, started_s=sent - t0, sent_at=time.time())
+    parts: list[str] = []
+    last_token: float | None = None
+    try:
+        async with aconnect_sse(client, "POST", "/v1/chat/completions", json=body) as source:
+            resp = source.response
+            res.status = resp.status_code
+            res.job_id = resp.headers.get("X-Job-Id")
+            if resp.status_code != 200:
+                payload = (await resp.aread()).decode(errors="replace")
+                res.error_code = _error_code(payload, f"http_{resp.status_code}")
+                res.e2e_s = time.perf_counter() - sent
+                return res
+            async for event in source.aiter_sse():
+                now = time.perf_counter()
+                if event.data == "[DONE]":
+                    res.e2e_s = now - sent
+                    res.ok = res.error_code is None and res.finish_reason is not None
+                    if not res.ok and res.error_code is None:
+                        res.error_code = "no_finish_reason"
+                    break
+                chunk = json.loads(event.data)
+                if "error" in chunk:
+                    res.error_code = _error_code(event.data, "error_chunk")
+                    continue
+                if chunk.get("usage"):
+                    res.prompt_tokens = chunk["usage"].get("prompt_tokens")
+                    res.completion_tokens = chunk["usage"].get("completion_tokens")
+                for choice in chunk.get("choices") or ():
+                    text = (choice.get("delta") or {}).get("content")
+                    if text:
+                        if last_token is None:
+                            res.ttft_s = now - sent
+                        else:
+                            res.itl_s.append(now - last_token)
+                        last_token = now
+                        res.token_events += 1
+                        parts.append(text)
+                    if choice.get("finish_reason"):
+                        res.finish_reason = choice["finish_reason"]
+            else:  # the stream ended without [DONE] (transformers serve sends none)
+                res.e2e_s = time.perf_counter() - sent
+                res.ok = res.error_code is None and res.finish_reason is not None
+                if not res.ok:
+                    res.error_code = res.error_code or "no_finish_reason"
+    except (httpx.HTTPError, OSError, ValueError) as exc:
+        res.error_code = f"client_{type(exc).__name__}"
+        res.e2e_s = time.perf_counter() - sent
+    text = "".join(parts)
+    res.text_chars = len(text)
+    res.text_sha256 = hashlib.sha256(text.encode()).hexdigest()
+    return res
+
+
 async def run_load(
     args: argparse.Namespace, body: dict[str, Any]
 ) -> tuple[list[RequestResult], list[RequestResult], float]:
@@ -300,12 +387,13 @@ async def run_load(
     timeout = httpx.Timeout(args.request_timeout, connect=10.0)
     limits = httpx.Limits(max_connections=conc + 1, max_keepalive_connections=conc + 1)
     headers = {"Authorization": f"Bearer {args.api_key}"}
+    stream = stream_openai if args.api == "openai" else stream_one
     async with httpx.AsyncClient(
         base_url=args.base_url, headers=headers, timeout=timeout, limits=limits
     ) as client:
         warm: list[RequestResult] = []
         for i in range(args.warmup):
-            warm.append(await stream_one(client, body, -1 - i, time.perf_counter()))
+            warm.append(await stream(client, body, -1 - i, time.perf_counter()))
         results: list[RequestResult] = []
         t0 = time.perf_counter()
         if args.request_rate is None:
@@ -313,7 +401,7 @@ async def run_load(
 
             async def closed_client() -> None:
                 for i in counter:
-                    results.append(await stream_one(client, body, i, t0))
+                    results.append(await stream(client, body, i, t0))
 
             jobs = [asyncio.create_task(closed_client()) for _ in range(conc)]
         else:
@@ -322,7 +410,7 @@ async def run_load(
 
             async def open_request(i: int) -> None:
                 async with sem:
-                    results.append(await stream_one(client, body, i, t0))
+                    results.append(await stream(client, body, i, t0))
 
             jobs = []
             for i in range(args.num_requests):
@@ -386,11 +474,30 @@ def engine_baseline(
     """Load the model here, run ``Engine.generate`` ``warmup + runs`` times, free the model."""
     import torch
 
-    from worker.engine import Engine
+    from worker.engine import Engine, GenerationEngine
     from worker.loader import load_model
 
-    loaded = load_model(entry, registry, device=device)
-    engine = Engine(loaded, context_length=entry.serving.context_length)
+    engine: GenerationEngine
+    if entry.serving.engine == "loadtest":
+        from worker.loadtest import LoadTestEngine
+
+        engine = LoadTestEngine(
+            entry.serving.loadtest_tokens_per_s,
+            first_token_s=entry.serving.loadtest_first_token_s,
+        )
+        info: dict[str, Any] = {"device": "none", "model_class": "LoadTestEngine"}
+    else:
+        loaded = load_model(entry, registry, device=device)
+        engine = Engine(loaded, context_length=entry.serving.context_length)
+        info = {
+            "device": loaded.device,
+            "dtype": loaded.dtype,
+            "quantization": loaded.quantization,
+            "load_s": loaded.load_seconds,
+            "model_class": type(loaded.model).__name__,
+        }
+        del loaded
+    info["torch_threads"] = torch.get_num_threads()
     rows: list[dict[str, Any]] = []
     for i in range(warmup + runs):
         marks: list[float] = []
@@ -415,15 +522,7 @@ def engine_baseline(
                 "text_chars": len(result.text),
             }
         )
-    info = {
-        "device": loaded.device,
-        "dtype": loaded.dtype,
-        "quantization": loaded.quantization,
-        "load_s": loaded.load_seconds,
-        "model_class": type(loaded.model).__name__,
-        "torch_threads": torch.get_num_threads(),
-    }
-    del engine, loaded
+    del engine
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -478,14 +577,43 @@ def local_entry(path: Path, args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def resolve_model(value: str, args: argparse.Namespace, workdir: Path) -> tuple[Registry, str]:
-    """A registry and the entry name for ``value``: ``demo``, a model folder, or a name.
+def loadtest_entry(args: argparse.Namespace) -> dict[str, Any]:
+    """An entry on the load-test engine: no model, ``--loadtest-tokens-per-s`` per stream."""
+    return {
+        "model_name": LOADTEST_MODEL,
+        "model_alias": "Load test (no model)",
+        "description": "bench/serve.py: the load-test engine, fixed-rate tokens",
+        "endpoint": "/medgemma",
+        "capabilities": {"stream": True, "image": False, "inference": True},
+        "controls": {
+            "temperature": True,
+            "reason": False,
+            "verbosity": True,
+            "system_message": True,
+        },
+        "serving": {
+            "engine": "loadtest",
+            "loadtest_tokens_per_s": args.loadtest_tokens_per_s,
+            "loadtest_first_token_s": args.loadtest_first_token_ms / 1000.0,
+            "context_length": args.context_length,
+            "max_new_tokens": args.max_tokens or 64,
+            "max_queue": 100_000,
+        },
+    }
 
-    ``demo`` and a folder are written to ``workdir/models.json`` (with ``--max-tokens`` as the
-    entry's ``max_new_tokens``); a name is looked up in ``--models-file``.
+
+def resolve_model(value: str, args: argparse.Namespace, workdir: Path) -> tuple[Registry, str]:
+    """A registry and the entry name for ``value``: ``demo``, ``loadtest``, a model folder,
+    or a name.
+
+    ``demo``, ``loadtest`` and a folder are written to ``workdir/models.json`` (with
+    ``--max-tokens`` as the entry's ``max_new_tokens``); a name is looked up in ``--models-file``.
     """
     dest = workdir / "models.json"
-    if value == "demo":
+    if value == LOADTEST:
+        raw = loadtest_entry(args)
+        name = LOADTEST_MODEL
+    elif value == "demo":
         repo = json.loads((ROOT / "models.json").read_text(encoding="utf-8"))
         raw = next(m for m in repo if m["model_name"] == DEMO_MODEL)
         if args.max_tokens:
@@ -505,7 +633,8 @@ def resolve_model(value: str, args: argparse.Namespace, workdir: Path) -> tuple[
 
 
 class SpawnedStack:
-    """redis-server + one worker + the gateway on free local ports, logs in ``workdir``."""
+    """redis-server + ``--workers`` workers + the gateway on free local ports, logs in
+    ``workdir``."""
 
     def __init__(self, registry: Registry, model: str, workdir: Path, args: argparse.Namespace):
         self.workdir = workdir
@@ -523,11 +652,29 @@ class SpawnedStack:
             "WORKER_DEVICE": args.device,
             "HF_HUB_OFFLINE": "1",
             "TOKENIZERS_PARALLELISM": "false",
+            # The limiter runs (its Redis calls are part of the path measured) but never
+            # refuses: the benchmark is one user sending the load of many.
+            "GATEWAY_RATE_LIMIT_RPM": "100000000",
+            "GATEWAY_MAX_CONCURRENT_STREAMS": "1000000",
+            "WORKER_CONCURRENCY": str(args.worker_concurrency),
         }
-        self.procs.append(start_gateway(self.env, self.port, workdir / "gateway.log"))
-        worker = start_worker(self.env, workdir / "worker.log")
-        self.procs.append(worker)
-        wait_ready(self.port, model, args.ready_timeout, worker)
+        self.gateway = start_gateway(self.env, self.port, workdir / "gateway.log")
+        self.procs.append(self.gateway)
+        self.workers: list[Proc] = []
+        for n in range(args.workers):
+            log = workdir / ("worker.log" if n == 0 else f"worker{n}.log")
+            worker = start_worker({**self.env, "WORKER_ID": f"bench-worker-{n}"}, log)
+            self.procs.append(worker)
+            self.workers.append(worker)
+        self.redis = self.procs[0]
+        wait_ready(self.port, model, args.ready_timeout, self.workers[0])
+        if args.workers > 1:
+            wait_workers(self.env["REDIS_URL"], model, args.workers, args.ready_timeout)
+
+    def named_pids(self) -> dict[str, int]:
+        out = {"redis": self.redis.popen.pid, "gateway": self.gateway.popen.pid}
+        out.update({f"worker{n}": w.popen.pid for n, w in enumerate(self.workers)})
+        return out
 
     @property
     def base_url(self) -> str:
@@ -539,6 +686,24 @@ class SpawnedStack:
 
     def log(self, name: str) -> str:
         return (self.workdir / f"{name}.log").read_text(errors="replace")
+
+
+def wait_workers(redis_url: str, model: str, count: int, timeout_s: float) -> None:
+    """Wait until ``count`` workers of ``model`` send heartbeats."""
+    import redis
+
+    from shared.keys import Keys
+
+    client = redis.Redis.from_url(redis_url)
+    key = Keys("mg").workers(model)
+    try:
+        wait_for(
+            lambda: int(client.zcount(key, time.time() - 10, "+inf")) >= count,
+            timeout_s,
+            f"{count} workers of {model}",
+        )
+    finally:
+        client.close()
 
 
 _STARTED = re.compile(r"job (\S+) started after ([0-9.]+)s in queue")
@@ -692,25 +857,44 @@ class CpuMeter:
     tell a clean run from a noisy one. Percentages are of all cores (100 = every core busy).
     """
 
-    def __init__(self, pids: Sequence[int]) -> None:
+    def __init__(self, pids: Sequence[int], names: Sequence[str] = ()) -> None:
         self.pids = list(pids)
+        self.names = list(names)
         self.t0 = time.perf_counter()
         self.busy0, self.total0 = _cpu_times()
         self.own0 = {pid: _proc_jiffies(pid) for pid in self.pids}
 
-    def stop(self) -> dict[str, float]:
+    def stop(self) -> dict[str, Any]:
         wall = time.perf_counter() - self.t0
         busy1, total1 = _cpu_times()
-        own = sum(max(0, _proc_jiffies(pid) - self.own0[pid]) for pid in self.pids)
+        used = {pid: max(0, _proc_jiffies(pid) - self.own0[pid]) for pid in self.pids}
+        own = sum(used.values())
         total = max(1, total1 - self.total0)
         busy = 100.0 * (busy1 - self.busy0) / total
         ours = 100.0 * own / total
-        return {
+        out: dict[str, Any] = {
             "wall_s": wall,
             "machine_busy_pct": busy,
             "own_busy_pct": ours,
             "foreign_busy_pct": max(0.0, busy - ours),
         }
+        if self.names:  # per process, in cores (1.0 = one core busy the whole phase)
+            hz = os.sysconf("SC_CLK_TCK")
+            out["cores_used"] = {
+                name: used[pid] / hz / wall if wall > 0 else None
+                for name, pid in zip(self.names, self.pids, strict=True)
+            }
+        return out
+
+
+def memory_kib(pid: int) -> dict[str, int]:
+    """Resident memory of a process now (VmRSS) and at its peak (VmHWM), in KiB."""
+    out: dict[str, int] = {}
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(("VmRSS:", "VmHWM:")):
+                out[line.split(":")[0]] = int(line.split()[1])
+    return out
 
 
 def wait_quiet(max_busy: float | None, timeout_s: float, what: str) -> None:
@@ -754,6 +938,18 @@ def print_report(report: dict[str, Any]) -> None:
             for k in phases
         )
     )
+    cores = cpu.get("load", {}).get("cores_used")
+    if cores:
+        print(
+            "  load phase, cores used per process: "
+            + "  ".join(f"{name} {v:.2f}" for name, v in cores.items() if v is not None)
+        )
+    mem = report.get("gateway_memory_kib")
+    if mem:
+        print(
+            f"  gateway memory: {mem.get('VmRSS', 0) / 1024:.0f} MiB now, "
+            f"{mem.get('VmHWM', 0) / 1024:.0f} MiB peak"
+        )
     if any(cpu[k]["foreign_busy_pct"] > FOREIGN_CPU_WARN_PCT for k in phases):
         print(
             f"  WARNING: other processes used more than {FOREIGN_CPU_WARN_PCT:g}% of the CPU "
@@ -780,7 +976,7 @@ def print_report(report: dict[str, Any]) -> None:
     if base:
         print(
             f"\n== engine in-process: {base['model_class']} on {base['device']} "
-            f"({base['dtype']}), {base['runs']} runs after {base['warmup']} warm-up, "
+            f"({base.get('dtype', '-')}), {base['runs']} runs after {base['warmup']} warm-up, "
             f"{base['torch_threads']} torch threads"
         )
         print_table(
@@ -828,6 +1024,26 @@ def print_report(report: dict[str, Any]) -> None:
             f"stack {ov['completion_tokens_stack_p50']} / engine "
             f"{ov['completion_tokens_engine_p50']}"
         )
+    hf = report.get("transformers_serve")
+    if hf:
+        t = hf["summary"]
+        print(
+            f"\n== transformers serve, same load (continuous batching "
+            f"{hf['continuous_batching']}): completed {t['completed']}/{t['requests']}  "
+            f"errors {t['errors'] or '{}'}  output {_fmt(t['output_token_throughput_tok_s'])} "
+            f"tok/s  cores: "
+            + "  ".join(f"{k} {v:.2f}" for k, v in hf["cpu"].get("cores_used", {}).items())
+        )
+        print_table(
+            "  transformers serve latency (ms)", {k: t[f"{k}_ms"] for k in ("ttft", "itl", "e2e")}
+        )
+        vs = report["vs_transformers_serve"]
+        print(
+            f"  stack / transformers serve: output tok/s {_fmt(vs['throughput_ratio'], 2)}x, "
+            f"TTFT p50 {_fmt(vs['ttft_p50_ratio'], 2)}x, E2E p50 {_fmt(vs['e2e_p50_ratio'], 2)}x;"
+            f" prompt tokens {vs['prompt_tokens']}, completion p50 "
+            f"{vs['completion_tokens_p50']}, same greedy answer {vs['same_answer']}"
+        )
 
 
 def overhead(
@@ -855,6 +1071,85 @@ def overhead(
     out["completion_tokens_stack_p50"] = stack["completion_tokens"]["p50"]
     out["completion_tokens_engine_p50"] = base["completion_tokens"]["p50"]
     return out
+
+
+# --- side by side with transformers serve --------------------------------------------------
+
+
+def transformers_serve_phase(
+    args: argparse.Namespace, prompt: str, workdir: Path
+) -> dict[str, Any]:
+    """The same load, after the stack has stopped, on ``transformers serve`` pinned to the
+    same model folder (``--continuous-batching`` when the stack's workers batch)."""
+    from bench.hf_serve import (
+        served_model_name,
+        start_transformers_serve,
+        wait_transformers_serve,
+    )
+
+    registry, name = resolve_model(args.vs_transformers_serve, args, workdir / "hf")
+    entry = registry.get(name)
+    assert entry is not None
+    if entry.serving.engine == "loadtest":
+        raise SystemExit("--vs-transformers-serve needs a model, not the load-test engine")
+    from worker.loader import weights_folder
+
+    folder = weights_folder(entry, registry)
+    batching = args.worker_concurrency > 1
+    port = free_port()
+    print(
+        f"transformers serve: {folder.name}, continuous batching {batching}, port {port} ...",
+        flush=True,
+    )
+    proc = start_transformers_serve(
+        folder, port, workdir / "transformers-serve.log", continuous_batching=batching
+    )
+    try:
+        wait_transformers_serve(port, args.ready_timeout, proc)
+        their = argparse.Namespace(**vars(args))
+        their.api, their.base_url = "openai", f"http://127.0.0.1:{port}"
+        their.model = served_model_name(folder)
+        body = openai_body(their, prompt)
+        wait_quiet(args.quiet_cpu, args.quiet_timeout, "the transformers serve load")
+        meter = CpuMeter([os.getpid(), proc.popen.pid], ["client", "transformers_serve"])
+        warm, results, duration = asyncio.run(run_load(their, body))
+        cpu = meter.stop()
+    finally:
+        proc.stop()
+    return {
+        "command": proc.popen.args,
+        "continuous_batching": batching,
+        "cpu": cpu,
+        "summary": summarize(results, duration),
+        "warmup": [asdict(r) for r in warm],
+        "per_request": [asdict(r) for r in results],
+    }
+
+
+def versus(
+    ours: dict[str, Any], results: Sequence[RequestResult], theirs: dict[str, Any]
+) -> dict[str, Any]:
+    """Our stack against transformers serve, same load: ratios > 1 favour the stack for
+    throughput; TTFT and E2E ratios are ours / theirs (below 1 favours the stack)."""
+    t = theirs["summary"]
+
+    def ratio(a: float | None, b: float | None) -> float | None:
+        return a / b if a is not None and b else None
+
+    ours_answers = {r.text_sha256 for r in results if r.ok}
+    their_answers = {r["text_sha256"] for r in theirs["per_request"] if r["ok"]}
+    return {
+        "output_tok_s": [ours["output_token_throughput_tok_s"], t["output_token_throughput_tok_s"]],
+        "throughput_ratio": ratio(
+            ours["output_token_throughput_tok_s"], t["output_token_throughput_tok_s"]
+        ),
+        "ttft_p50_ms": [ours["ttft_ms"]["p50"], t["ttft_ms"]["p50"]],
+        "ttft_p50_ratio": ratio(ours["ttft_ms"]["p50"], t["ttft_ms"]["p50"]),
+        "e2e_p50_ratio": ratio(ours["e2e_ms"]["p50"], t["e2e_ms"]["p50"]),
+        "prompt_tokens": [ours["prompt_tokens"], t["prompt_tokens"]],
+        "completion_tokens_p50": [ours["completion_tokens"]["p50"], t["completion_tokens"]["p50"]],
+        "same_answer": bool(ours_answers) and ours_answers == their_answers,
+    }
 
 
 # --- main ----------------------------------------------------------------------------------
@@ -893,7 +1188,34 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--engine-baseline", default=None, metavar="PATH_OR_MODEL")
     p.add_argument("--baseline-runs", type=int, default=10)
     p.add_argument("--baseline-warmup", type=int, default=1)
-    p.add_argument("--spawn-stack", default=None, metavar="MODEL_DIR_OR_DEMO")
+    p.add_argument(
+        "--api",
+        choices=("medgemma", "openai"),
+        default="medgemma",
+        help="POST /medgemma, or POST /v1/chat/completions (also for any OpenAI-compatible "
+        "server, e.g. transformers serve)",
+    )
+    p.add_argument(
+        "--spawn-stack",
+        default=None,
+        metavar="MODEL_DIR_OR_DEMO",
+        help="a model folder, 'demo' (SmolLM2), or 'loadtest' (the load-test engine)",
+    )
+    p.add_argument(
+        "--vs-transformers-serve",
+        default=None,
+        metavar="MODEL_DIR_OR_DEMO",
+        help="after the stack, run the same load on `transformers serve` pinned to this model "
+        "(continuous batching when --worker-concurrency > 1); needs --api openai",
+    )
+    p.add_argument("--workers", type=int, default=1, help="workers of the spawned stack")
+    p.add_argument(
+        "--worker-concurrency", type=int, default=1, help="WORKER_CONCURRENCY of each worker"
+    )
+    p.add_argument(
+        "--loadtest-tokens-per-s", type=float, default=50.0, help="per stream, 'loadtest' only"
+    )
+    p.add_argument("--loadtest-first-token-ms", type=float, default=0.0, help="simulated prefill")
     p.add_argument("--ready-timeout", type=float, default=300.0)
     p.add_argument("--keep-workdir", action="store_true", help="keep the spawned stack's logs")
     p.add_argument(
@@ -923,6 +1245,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         p.error("--num-requests must be at least 1")
     if args.concurrency is not None and args.concurrency < 1:
         p.error("--concurrency must be at least 1")
+    if args.vs_transformers_serve and args.api != "openai":
+        p.error("--vs-transformers-serve compares the OpenAI API: add --api openai")
+    if args.workers < 1 or args.worker_concurrency < 1:
+        p.error("--workers and --worker-concurrency must be at least 1")
     if args.request_rate is not None and args.request_rate <= 0:
         p.error("--request-rate must be > 0")
     if args.max_tokens is not None and not (args.spawn_stack or args.engine_baseline):
@@ -981,7 +1307,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 registry, name = resolve_model(args.engine_baseline, args, workdir / "baseline")
             entry = registry.get(name)
             assert entry is not None
-            messages, sampling = engine_inputs(body, entry)
+            messages, sampling = engine_inputs(medgemma_body(args, prompt), entry)
             wait_quiet(args.quiet_cpu, args.quiet_timeout, "the engine baseline")
             print(
                 f"engine baseline: loading {name} in-process, {args.baseline_warmup} warm-up + "
@@ -1011,10 +1337,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                 report["spawned_stack_ready_s"] = time.perf_counter() - started
             print(f"load: {args.num_requests} requests, {mode}, on {args.base_url}", flush=True)
             wait_quiet(args.quiet_cpu, args.quiet_timeout, "the HTTP load")
-            pids = [os.getpid(), *(p.popen.pid for p in (stack.procs if stack else []))]
-            meter = CpuMeter(pids)
+            named = {"client": os.getpid()}
+            if stack is not None:
+                named.update(stack.named_pids())
+            meter = CpuMeter(list(named.values()), list(named))
             warm, results, duration = asyncio.run(run_load(args, body))
             report["cpu"]["load"] = meter.stop()
+            if stack is not None:
+                report["gateway_memory_kib"] = memory_kib(stack.gateway.popen.pid)
             if stack is not None:
                 report["worker_breakdown"] = worker_breakdown(
                     stack.log("worker"), stack.log("gateway"), results
@@ -1022,6 +1352,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         finally:
             if stack is not None:
                 stack.stop()
+        if args.vs_transformers_serve:
+            report["transformers_serve"] = transformers_serve_phase(args, prompt, workdir)
 
     report["config"] = {
         "base_url": args.base_url,
@@ -1048,6 +1380,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     if "engine_baseline" in report:
         report["overhead"] = overhead(summary, report["engine_baseline"], results)
+    if "transformers_serve" in report:
+        report["vs_transformers_serve"] = versus(summary, results, report["transformers_serve"])
     print_report(report)
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -23,7 +23,10 @@ class WorkerSettings(CommonSettings):
         default="auto", description="auto picks the first CUDA GPU, else the CPU."
     )
     worker_concurrency: int = Field(
-        default=1, ge=1, le=64, description="Jobs one worker runs at once."
+        default=1,
+        ge=1,
+        le=1024,
+        description="Jobs one worker runs at once (Celery threads; with a model, the batch size).",
     )
     worker_batching: Literal["auto", "off"] = Field(
         default="auto",
