@@ -1,4 +1,8 @@
-"""FastAPI dependencies as ``Annotated`` aliases."""
+"""FastAPI dependencies as ``Annotated`` aliases.
+
+They are ``async def`` although they never await: FastAPI runs a plain ``def`` dependency in
+its thread pool, a thread hop per dependency per request, for work that takes microseconds.
+"""
 
 from __future__ import annotations
 
@@ -18,7 +22,7 @@ from shared.registry import ModelEntry
 _bearer = HTTPBearer(auto_error=False, description="Authorization: Bearer <API key>")
 
 
-def get_state(request: Request) -> AppState:
+async def get_state(request: Request) -> AppState:
     state: AppState = request.app.state.gateway
     return state
 
@@ -26,7 +30,7 @@ def get_state(request: Request) -> AppState:
 StateDep = Annotated[AppState, Depends(get_state)]
 
 
-def get_principal(
+async def get_principal(
     request: Request,
     state: StateDep,
     creds: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
@@ -48,7 +52,7 @@ def get_principal(
 PrincipalDep = Annotated[Principal, Depends(get_principal)]
 
 
-def get_audit(request: Request) -> AuditInfo:
+async def get_audit(request: Request) -> AuditInfo:
     return audit_info(request.state)
 
 
