@@ -84,6 +84,9 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         redis = async_redis(
             settings.redis_url,
+            max_connections=settings.gateway_redis_max_connections,
+            pool_timeout_s=settings.gateway_redis_pool_timeout_s,
+            client_name="medgemma-gateway",  # CLIENT LIST shows whose connections these are
             decode_responses=True,
             socket_connect_timeout=2,
             socket_timeout=5,

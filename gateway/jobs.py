@@ -249,16 +249,14 @@ class JobService:
                     progressing = True
                     yield event
                 return  # events() ends after a terminal event
-            except RelayUnavailable:
-                yield _error(
-                    job_id,
-                    last + 1,
-                    ErrorCode.REDIS_UNAVAILABLE,
-                    "The connection to the job queue was lost; the answer cannot continue.",
-                )
-                return
             except TimeoutError:
                 pass
+            except (RelayUnavailable, RedisError, OSError) as exc:
+                # The relay lost Redis, or a read of the job's log failed (no connection
+                # free in time, say): the stream ends with an event, never a broken response.
+                logger.warning("job %s: stream lost Redis (%s)", job_id, type(exc).__name__)
+                yield _lost_redis(job_id, last + 1)
+                return
             now = time.monotonic()
             try:
                 claim = await self._redis.get(self._keys.job_claim(job_id))
@@ -281,7 +279,11 @@ class JobService:
                     )
                     return
             elif claimed or last > 0:
-                problem = await self._hand_over(job_id, owner)
+                try:
+                    problem = await self._hand_over(job_id, owner)
+                except (RedisError, OSError):
+                    yield _lost_redis(job_id, last + 1)
+                    return
                 if problem is not None:
                     yield _error(job_id, last + 1, ErrorCode.WORKER_LOST, problem)
                     return
@@ -289,8 +291,11 @@ class JobService:
                 last_event_at = now
                 deadline = now + self._handover_wait_s
             elif now <= deadline:
-                model = model or await self._model_of(job_id)
-                where = await self.book.position(model, job_id) if model else None
+                try:
+                    model = model or await self._model_of(job_id)
+                    where = await self.book.position(model, job_id) if model else None
+                except (RedisError, OSError):
+                    where = None  # only the place in line is unknown; the wait goes on
                 if where is not None and where != place:
                     place = where
                     yield QueuedEvent(job_id=job_id, position=where[0], eta_s=where[1])
@@ -331,6 +336,15 @@ class JobService:
         await anyio.to_thread.run_sync(self._send, moved, self._queues.get(job.model, job.model))
         logger.warning("job %s: worker lost; handed over (attempt %d)", job_id, n)
         return None
+
+
+def _lost_redis(job_id: str, seq: int) -> ErrorEvent:
+    return _error(
+        job_id,
+        seq,
+        ErrorCode.REDIS_UNAVAILABLE,
+        "The connection to the job queue was lost; the answer cannot continue.",
+    )
 
 
 def _error(job_id: str, seq: int, code: ErrorCode, message: str) -> ErrorEvent:

@@ -56,6 +56,18 @@ class GatewaySettings(CommonSettings):
         "a job that fails at once gets an HTTP error status rather than a 200 stream.",
     )
     gateway_ping_s: float = Field(default=15.0, gt=0, description="SSE keep-alive interval.")
+    gateway_redis_max_connections: int = Field(
+        default=64,
+        ge=4,
+        description="Redis connections of one gateway process, the relay's pub/sub one "
+        "included; every stream shares them.",
+    )
+    gateway_redis_pool_timeout_s: float = Field(
+        default=5.0,
+        gt=0,
+        description="How long a request waits for a free Redis connection before it is "
+        "answered 503 redis_unavailable.",
+    )
     gateway_max_body_bytes: int = Field(
         default=16 * 1024 * 1024, ge=1024, description="Larger request bodies get 413."
     )

@@ -81,10 +81,24 @@ def sync_redis(url: str, **kwargs: Any) -> redis.Redis:
     return master
 
 
-def async_redis(url: str, **kwargs: Any) -> redis.asyncio.Redis:
+class _BlockingSentinelPool(
+    redis.asyncio.sentinel.SentinelConnectionPool, redis.asyncio.BlockingConnectionPool
+):
+    """Sentinel's master lookup with the blocking pool's bound: waits for a free connection."""
+
+
+def async_redis(
+    url: str, *, max_connections: int, pool_timeout_s: float, **kwargs: Any
+) -> redis.asyncio.Redis:
+    """An asyncio client whose pool holds at most ``max_connections``; a command that finds
+    them all busy waits up to ``pool_timeout_s`` for one (then ``ConnectionError``), rather
+    than failing at once as redis-py's default pool does past its (unbounded-looking) 100."""
     target = parse_sentinel(url)
     if target is None:
-        return redis.asyncio.Redis.from_url(url, **kwargs)
+        pool = redis.asyncio.BlockingConnectionPool.from_url(
+            url, max_connections=max_connections, timeout=pool_timeout_s, **kwargs
+        )
+        return redis.asyncio.Redis.from_pool(pool)
     sentinel = redis.asyncio.sentinel.Sentinel(  # type: ignore[no-untyped-call]
         target.sentinels,
         sentinel_kwargs={"password": target.sentinel_password},
@@ -92,7 +106,12 @@ def async_redis(url: str, **kwargs: Any) -> redis.asyncio.Redis:
         db=target.db,
         **kwargs,
     )
-    master: redis.asyncio.Redis = sentinel.master_for(target.master)
+    master: redis.asyncio.Redis = sentinel.master_for(
+        target.master,
+        connection_pool_class=_BlockingSentinelPool,
+        max_connections=max_connections,
+        timeout=pool_timeout_s,
+    )
     return master
 
 

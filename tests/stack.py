@@ -153,6 +153,7 @@ def start_stack(
     workers: int = 1,
     only: set[str] | None = None,
     redis_url: str | None = None,
+    settings: dict[str, str] | None = None,
 ) -> Stack:
     workdir.mkdir(parents=True, exist_ok=True)
     registry = write_registry(workdir / "models.json", tiny_dir, only)
@@ -179,6 +180,7 @@ def start_stack(
         "WORKER_DEVICE": "cpu",
         "HF_HUB_OFFLINE": "1",
         "TOKENIZERS_PARALLELISM": "false",
+        **(settings or {}),
     }
     port = free_port()
     stack = Stack(workdir=workdir, redis_url=redis_url, port=port, env=env, procs=procs)
