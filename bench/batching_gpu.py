@@ -50,8 +50,8 @@ def main(argv: list[str] | None = None) -> int:
         dtype = torch.bfloat16
         report["gpu"] = torch.cuda.get_device_name(0)
     with torch.device(device):
-        model = AutoModelForImageTextToText.from_config(config, dtype=dtype).eval()
-    vocab = config.text_config.vocab_size
+        model = AutoModelForImageTextToText.from_config(config, dtype=dtype).eval()  # type: ignore[no-untyped-call]
+    vocab = config.text_config.vocab_size  # type: ignore[union-attr]
     never = vocab - 1  # an EOS that random weights practically never emit
     gen = torch.Generator().manual_seed(0)
     n_max = max(args.concurrency)
@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     for n in args.concurrency:
         try:
-            gc = GenerationConfig(
+            gc = GenerationConfig(  # type: ignore[no-untyped-call]
                 max_new_tokens=args.new_tokens, do_sample=False, eos_token_id=never, pad_token_id=0
             )
             cb = (

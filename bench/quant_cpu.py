@@ -55,7 +55,7 @@ def _entry_and_registry(quantization: str) -> tuple[Any, Any]:
 
 
 def _rss_bytes() -> int:
-    import psutil
+    import psutil  # type: ignore[import-untyped]
 
     return int(psutil.Process().memory_info().rss)
 

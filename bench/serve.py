@@ -85,6 +85,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import aiohttp
 import httpx
 from httpx_sse import aconnect_sse
 
@@ -379,6 +380,60 @@ async def stream_openai(
     return res
 
 
+_TOKEN_EVENT = b"event: token"
+_DONE_EVENT = b"event: done"
+_ERROR_EVENT = b"event: error"
+
+
+async def stream_counted(
+    session: aiohttp.ClientSession, url: str, body: dict[str, Any], index: int, t0: float
+) -> RequestResult:
+    """POST /medgemma and count its events per network read, without parsing them.
+
+    For relay capacity (``--lean-client``): thousands of streams and tens of thousands of
+    events per second from one client process. aiohttp's C parser undoes the HTTP framing;
+    each read is searched for event names only. Events that arrive in one read share its
+    time (their gaps count as 0, as with the parsing client). The load-test engine sends one
+    token per event, so completion tokens = token events; the text is not checked."""
+    sent = time.perf_counter()
+    res = RequestResult(index=index, started_s=sent - t0, sent_at=time.time())
+    last: float | None = None
+    tail = b""
+    try:
+        async with session.post(url, json=body) as resp:
+            res.status = resp.status
+            res.job_id = resp.headers.get("X-Job-Id")
+            if resp.status != 200:
+                res.error_code = _error_code(await resp.text(), f"http_{resp.status}")
+                res.e2e_s = time.perf_counter() - sent
+                return res
+            async for chunk in resp.content.iter_any():
+                now = time.perf_counter()
+                data = tail + chunk
+                n = data.count(_TOKEN_EVENT)
+                if n:
+                    if last is None:
+                        res.ttft_s = now - sent
+                    else:
+                        res.itl_s.append(now - last)
+                    res.itl_s.extend([0.0] * (n - 1))
+                    last = now
+                    res.token_events += n
+                if _DONE_EVENT in data or _ERROR_EVENT in data:
+                    res.e2e_s = now - sent
+                    res.ok = _DONE_EVENT in data
+                    res.error_code = None if res.ok else "error_event"
+                    res.completion_tokens = res.token_events
+                    return res
+                # An event name may straddle two reads: keep fewer bytes than a whole one.
+                tail = data[-(len(_TOKEN_EVENT) - 1) :]
+            res.error_code = "no_terminal_event"
+    except (aiohttp.ClientError, OSError, ValueError) as exc:
+        res.error_code = f"client_{type(exc).__name__}"
+    res.e2e_s = time.perf_counter() - sent
+    return res
+
+
 async def run_load(
     args: argparse.Namespace, body: dict[str, Any]
 ) -> tuple[list[RequestResult], list[RequestResult], float]:
@@ -387,6 +442,8 @@ async def run_load(
     timeout = httpx.Timeout(args.request_timeout, connect=10.0)
     limits = httpx.Limits(max_connections=conc + 1, max_keepalive_connections=conc + 1)
     headers = {"Authorization": f"Bearer {args.api_key}"}
+    if args.lean_client:
+        return await _run_load_counted(args, body, conc, headers)
     stream = stream_openai if args.api == "openai" else stream_one
     async with httpx.AsyncClient(
         base_url=args.base_url, headers=headers, timeout=timeout, limits=limits
@@ -417,6 +474,41 @@ async def run_load(
                 jobs.append(asyncio.create_task(open_request(i)))
                 if i < args.num_requests - 1:
                     await asyncio.sleep(rng.expovariate(args.request_rate))
+        try:
+            await asyncio.wait_for(asyncio.gather(*jobs), args.max_duration)
+        except TimeoutError:
+            print(f"stopped after --max-duration {args.max_duration:g} s", file=sys.stderr)
+        duration = time.perf_counter() - t0
+    results.sort(key=lambda r: r.index)
+    return warm, results, duration
+
+
+async def _run_load_counted(
+    args: argparse.Namespace, body: dict[str, Any], conc: int, headers: dict[str, str]
+) -> tuple[list[RequestResult], list[RequestResult], float]:
+    """:func:`run_load` with :func:`stream_counted` (closed loop only)."""
+    url = f"{args.base_url}/medgemma"
+    timeout = aiohttp.ClientTimeout(total=args.request_timeout, connect=10.0)
+    connector = aiohttp.TCPConnector(limit=conc + 1)
+    async with aiohttp.ClientSession(
+        headers=headers, timeout=timeout, connector=connector
+    ) as session:
+        warm = [
+            await stream_counted(session, url, body, -1 - i, time.perf_counter())
+            for i in range(args.warmup)
+        ]
+        results: list[RequestResult] = []
+        t0 = time.perf_counter()
+        counter = iter(range(args.num_requests))
+
+        async def client(delay: float) -> None:
+            await asyncio.sleep(delay)
+            for i in counter:
+                results.append(await stream_counted(session, url, body, i, t0))
+
+        # Clients start spread over --ramp-up seconds, so a thousand streams do not all
+        # arrive in the same millisecond.
+        jobs = [asyncio.create_task(client(args.ramp_up * k / conc)) for k in range(conc)]
         try:
             await asyncio.wait_for(asyncio.gather(*jobs), args.max_duration)
         except TimeoutError:
@@ -1208,6 +1300,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="after the stack, run the same load on `transformers serve` pinned to this model "
         "(continuous batching when --worker-concurrency > 1); needs --api openai",
     )
+    p.add_argument(
+        "--lean-client",
+        action="store_true",
+        help="count events per network read instead of parsing them (aiohttp; /medgemma, "
+        "closed loop): for relay capacity with thousands of streams",
+    )
+    p.add_argument(
+        "--ramp-up", type=float, default=0.0, help="spread the closed-loop clients' starts (s)"
+    )
     p.add_argument("--workers", type=int, default=1, help="workers of the spawned stack")
     p.add_argument(
         "--worker-concurrency", type=int, default=1, help="WORKER_CONCURRENCY of each worker"
@@ -1245,6 +1346,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         p.error("--num-requests must be at least 1")
     if args.concurrency is not None and args.concurrency < 1:
         p.error("--concurrency must be at least 1")
+    if args.lean_client and (args.api != "medgemma" or args.request_rate is not None):
+        p.error("--lean-client drives /medgemma in a closed loop only")
     if args.vs_transformers_serve and args.api != "openai":
         p.error("--vs-transformers-serve compares the OpenAI API: add --api openai")
     if args.workers < 1 or args.worker_concurrency < 1:
