@@ -91,12 +91,19 @@ class JobService:
         pipe = self._redis.pipeline(transaction=True)
         pipe.incr(key)
         pipe.expire(key, self._job_ttl_s)
-        await pipe.execute()
+        try:
+            await pipe.execute()
+            counted = True
+        except (RedisError, OSError):
+            # The stream goes on (the relay reports a real outage as an event); uncounted,
+            # the job only looks abandoned sooner if this client leaves.
+            counted = False
         try:
             yield
         finally:
-            with contextlib.suppress(RedisError, OSError):
-                await self._redis.decr(key)
+            if counted:
+                with contextlib.suppress(RedisError, OSError):
+                    await self._redis.decr(key)
 
     def abandoned(self, job_id: str) -> None:
         """The client left mid-stream: cancel the job unless a client resumes it in time."""

@@ -66,10 +66,30 @@ def parse_sentinel(url: str) -> SentinelTarget | None:
     )
 
 
-def sync_redis(url: str, **kwargs: Any) -> redis.Redis:
+class _BlockingSentinelSyncPool(
+    redis.sentinel.SentinelConnectionPool, redis.BlockingConnectionPool
+):
+    """Sentinel's master lookup with the blocking pool's bound (threads wait for a connection)."""
+
+
+def sync_redis(
+    url: str,
+    *,
+    max_connections: int | None = None,
+    pool_timeout_s: float = 10.0,
+    **kwargs: Any,
+) -> redis.Redis:
+    """A client for ``url``. With ``max_connections`` (a process whose threads share the
+    client), its pool is bounded and blocking: a thread that finds every connection busy
+    waits up to ``pool_timeout_s``, where redis-py's default pool would raise."""
     target = parse_sentinel(url)
     if target is None:
-        return redis.Redis.from_url(url, **kwargs)
+        if max_connections is None:
+            return redis.Redis.from_url(url, **kwargs)
+        pool = redis.BlockingConnectionPool.from_url(
+            url, max_connections=max_connections, timeout=pool_timeout_s, **kwargs
+        )
+        return redis.Redis.from_pool(pool)
     sentinel = redis.sentinel.Sentinel(  # type: ignore[no-untyped-call]
         target.sentinels,
         sentinel_kwargs={"password": target.sentinel_password},
@@ -77,7 +97,15 @@ def sync_redis(url: str, **kwargs: Any) -> redis.Redis:
         db=target.db,
         **kwargs,
     )
-    master: redis.Redis = sentinel.master_for(target.master)  # type: ignore[no-untyped-call]
+    if max_connections is None:
+        master: redis.Redis = sentinel.master_for(target.master)  # type: ignore[no-untyped-call]
+    else:
+        master = sentinel.master_for(  # type: ignore[no-untyped-call]
+            target.master,
+            connection_pool_class=_BlockingSentinelSyncPool,
+            max_connections=max_connections,
+            timeout=pool_timeout_s,
+        )
     return master
 
 

@@ -99,7 +99,12 @@ def main() -> int:
         if settings.worker_batching == "auto" and settings.worker_concurrency > 1:
             engine = BatchingEngine(engine, concurrency=settings.worker_concurrency)
         device, quantization = loaded.device, loaded.quantization
-    redis = sync_redis(settings.redis_url, decode_responses=True, health_check_interval=30)
+    # Every job thread shares these clients: one connection each at most, plus the cancel
+    # listener, heartbeat and lease threads.
+    pool = settings.worker_concurrency + 4
+    redis = sync_redis(
+        settings.redis_url, max_connections=pool, decode_responses=True, health_check_interval=30
+    )
     keys = Keys(settings.key_prefix)
     cancels = CancelWatcher(redis, keys)
     leases = LeaseKeeper(
@@ -109,7 +114,7 @@ def main() -> int:
         ttl_s=settings.worker_lease_ttl_s,
         done_ttl_s=settings.job_ttl_s,
     )
-    blobs = sync_redis(settings.redis_url, health_check_interval=30)
+    blobs = sync_redis(settings.redis_url, max_connections=pool, health_check_interval=30)
     runner = JobRunner(
         redis,
         blobs,
