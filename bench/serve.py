@@ -419,16 +419,19 @@ async def stream_counted(
                     res.itl_s.extend([0.0] * (n - 1))
                     last = now
                     res.token_events += n
-                if _DONE_EVENT in data or _ERROR_EVENT in data:
+                if res.e2e_s is None and (_DONE_EVENT in data or _ERROR_EVENT in data):
                     res.e2e_s = now - sent
                     res.ok = _DONE_EVENT in data
                     res.error_code = None if res.ok else "error_event"
                     res.completion_tokens = res.token_events
-                    return res
+                    # Read on to the end of the response, so the connection is reused.
                 # An event name may straddle two reads: keep fewer bytes than a whole one.
                 tail = data[-(len(_TOKEN_EVENT) - 1) :]
+            if res.e2e_s is not None:
+                return res
             res.error_code = "no_terminal_event"
     except (aiohttp.ClientError, OSError, ValueError) as exc:
+        res.ok = False
         res.error_code = f"client_{type(exc).__name__}"
     res.e2e_s = time.perf_counter() - sent
     return res
