@@ -86,16 +86,25 @@ class LeaseKeeper:
                 logger.warning("job %s: could not mark done: %s", job_id, type(exc).__name__)
 
     def renew_all(self) -> None:
+        """Renew every held lease in one round trip (one script call each, pipelined): a
+        worker running hundreds of jobs must renew them all well within the lease TTL."""
         with self._lock:
             held = list(self._held)
+        if not held:
+            return
+        pipe = self._redis.pipeline(transaction=False)
         for job_id in held:
-            try:
-                ok = self._renew(
-                    keys=[self._keys.job_claim(job_id)], args=[self.worker_id, self._ttl_ms]
-                )
-            except RedisError as exc:
-                logger.warning("lease renewal failed: %s", type(exc).__name__)
-                continue
+            self._renew(
+                keys=[self._keys.job_claim(job_id)],
+                args=[self.worker_id, self._ttl_ms],
+                client=pipe,
+            )
+        try:
+            results = pipe.execute()
+        except RedisError as exc:
+            logger.warning("lease renewal failed: %s", type(exc).__name__)
+            return
+        for job_id, ok in zip(held, results, strict=True):
             if not ok:
                 logger.warning("job %s: lease lost; another worker continues it", job_id)
                 with self._lock:
