@@ -521,6 +521,17 @@ async def _run_load_counted(
     return warm, results, duration
 
 
+MAX_SAVED_GAPS = 20_000
+
+
+def _compact(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per-request rows for the report; past MAX_SAVED_GAPS inter-token gaps in all, the gaps
+    are left out (the summary's percentiles were computed from all of them)."""
+    if sum(len(r["itl_s"]) for r in rows) <= MAX_SAVED_GAPS:
+        return rows
+    return [{**r, "itl_s": None} for r in rows]
+
+
 def summarize(results: Sequence[RequestResult], duration_s: float) -> dict[str, Any]:
     ok = [r for r in results if r.ok]
     ttft = [r.ttft_s for r in ok if r.ttft_s is not None]
@@ -1482,7 +1493,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     report["stack"] = {
         "summary": summary,
         "warmup": [asdict(r) for r in warm],
-        "per_request": [asdict(r) for r in results],
+        "per_request": _compact([asdict(r) for r in results]),
     }
     if "engine_baseline" in report:
         report["overhead"] = overhead(summary, report["engine_baseline"], results)
