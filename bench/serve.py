@@ -78,7 +78,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from importlib.metadata import PackageNotFoundError, version
@@ -87,7 +87,7 @@ from typing import TYPE_CHECKING, Any
 
 import aiohttp
 import httpx
-from httpx_sse import aconnect_sse
+from httpx_sse import ServerSentEvent, aconnect_sse
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run as a script: make the project's packages importable
@@ -267,57 +267,116 @@ def _error_code(payload: str, fallback: str) -> str:
     return str(code)
 
 
-async def stream_one(
-    client: httpx.AsyncClient, body: dict[str, Any], index: int, t0: float
-) -> RequestResult:
-    """POST /medgemma and time its SSE events."""
-    sent = time.perf_counter()
-    res = RequestResult(index=index, started_s=sent - t0, sent_at=time.time())
-    parts: list[str] = []
+@dataclass
+class _Timing:
+    """One request's clock and text while its events arrive."""
+
+    res: RequestResult
+    sent: float
+    parts: list[str] = field(default_factory=list)
     last_token: float | None = None
+
+    def text(self, now: float, text: str) -> None:
+        if self.last_token is None:
+            self.res.ttft_s = now - self.sent
+        else:
+            self.res.itl_s.append(now - self.last_token)
+        self.last_token = now
+        self.res.token_events += 1
+        self.parts.append(text)
+
+    def end(self, now: float, *, ok: bool, error: str | None = None) -> bool:
+        self.res.e2e_s = now - self.sent
+        self.res.ok = ok
+        self.res.error_code = None if ok else (self.res.error_code or error)
+        return True
+
+
+# An API's event handler: reads one SSE event into the timing; True once the answer ended.
+EventHandler = Callable[[ServerSentEvent, float, _Timing], bool]
+
+
+def _seed_event(event: ServerSentEvent, now: float, t: _Timing) -> bool:
+    """/medgemma: ``token``, then ``done`` (usage) or ``error``."""
+    if event.event == "token":
+        t.text(now, json.loads(event.data)["text"])
+    elif event.event == "done":
+        data = json.loads(event.data)
+        usage = data.get("usage") or {}
+        t.res.prompt_tokens = usage.get("prompt_tokens")
+        t.res.completion_tokens = usage.get("completion_tokens")
+        t.res.finish_reason = data.get("finish_reason")
+        return t.end(now, ok=True)
+    elif event.event == "error":
+        return t.end(now, ok=False, error=_error_code(event.data, "error_event"))
+    return False
+
+
+def _openai_event(event: ServerSentEvent, now: float, t: _Timing) -> bool:
+    """/v1/chat/completions: content deltas, a usage chunk, ``[DONE]``."""
+    if event.data == "[DONE]":
+        ok = t.res.error_code is None and t.res.finish_reason is not None
+        return t.end(now, ok=ok, error="no_finish_reason")
+    chunk = json.loads(event.data)
+    if "error" in chunk:
+        t.res.error_code = _error_code(event.data, "error_chunk")
+        return False
+    if chunk.get("usage"):
+        t.res.prompt_tokens = chunk["usage"].get("prompt_tokens")
+        t.res.completion_tokens = chunk["usage"].get("completion_tokens")
+    for choice in chunk.get("choices") or ():
+        text = (choice.get("delta") or {}).get("content")
+        if text:
+            t.text(now, text)
+        if choice.get("finish_reason"):
+            t.res.finish_reason = choice["finish_reason"]
+    return False
+
+
+async def _timed_sse(
+    client: httpx.AsyncClient,
+    path: str,
+    body: dict[str, Any],
+    index: int,
+    t0: float,
+    handle: EventHandler,
+) -> RequestResult:
+    sent = time.perf_counter()
+    t = _Timing(RequestResult(index=index, started_s=sent - t0, sent_at=time.time()), sent)
+    res = t.res
     try:
-        async with aconnect_sse(client, "POST", "/medgemma", json=body) as source:
+        async with aconnect_sse(client, "POST", path, json=body) as source:
             resp = source.response
             res.status = resp.status_code
             res.job_id = resp.headers.get("X-Job-Id")
             if resp.status_code != 200:
                 payload = (await resp.aread()).decode(errors="replace")
+                t.end(time.perf_counter(), ok=False)
                 res.error_code = _error_code(payload, f"http_{resp.status_code}")
-                res.e2e_s = time.perf_counter() - sent
                 return res
+            ended = False
             async for event in source.aiter_sse():
-                now = time.perf_counter()
-                if event.event == "token":
-                    if last_token is None:
-                        res.ttft_s = now - sent
-                    else:
-                        res.itl_s.append(now - last_token)
-                    last_token = now
-                    res.token_events += 1
-                    parts.append(json.loads(event.data)["text"])
-                elif event.event == "done":
-                    data = json.loads(event.data)
-                    usage = data.get("usage") or {}
-                    res.prompt_tokens = usage.get("prompt_tokens")
-                    res.completion_tokens = usage.get("completion_tokens")
-                    res.finish_reason = data.get("finish_reason")
-                    res.e2e_s = now - sent
-                    res.ok = True
+                if handle(event, time.perf_counter(), t):
+                    ended = True
                     break
-                elif event.event == "error":
-                    res.error_code = _error_code(event.data, "error_event")
-                    res.e2e_s = now - sent
-                    break
-            else:
-                res.error_code = "no_terminal_event"
-                res.e2e_s = time.perf_counter() - sent
+            if not ended:
+                # The stream closed without its terminal event. (transformers serve sends no
+                # [DONE]: there a finish_reason is the end.)
+                ok = handle is _openai_event and res.error_code is None and bool(res.finish_reason)
+                t.end(time.perf_counter(), ok=ok, error="no_terminal_event")
     except (httpx.HTTPError, OSError, ValueError) as exc:
-        res.error_code = f"client_{type(exc).__name__}"
-        res.e2e_s = time.perf_counter() - sent
-    text = "".join(parts)
+        t.end(time.perf_counter(), ok=False, error=f"client_{type(exc).__name__}")
+    text = "".join(t.parts)
     res.text_chars = len(text)
     res.text_sha256 = hashlib.sha256(text.encode()).hexdigest()
     return res
+
+
+async def stream_one(
+    client: httpx.AsyncClient, body: dict[str, Any], index: int, t0: float
+) -> RequestResult:
+    """POST /medgemma and time its SSE events."""
+    return await _timed_sse(client, "/medgemma", body, index, t0, _seed_event)
 
 
 async def stream_openai(
@@ -325,59 +384,7 @@ async def stream_openai(
 ) -> RequestResult:
     """POST /v1/chat/completions (stream, usage) and time its chunks: the same figures as
     :func:`stream_one`, from any OpenAI-compatible server (ours, ``transformers serve``)."""
-    sent = time.perf_counter()
-    res = RequestResult(index=index, started_s=sent - t0, sent_at=time.time())
-    parts: list[str] = []
-    last_token: float | None = None
-    try:
-        async with aconnect_sse(client, "POST", "/v1/chat/completions", json=body) as source:
-            resp = source.response
-            res.status = resp.status_code
-            res.job_id = resp.headers.get("X-Job-Id")
-            if resp.status_code != 200:
-                payload = (await resp.aread()).decode(errors="replace")
-                res.error_code = _error_code(payload, f"http_{resp.status_code}")
-                res.e2e_s = time.perf_counter() - sent
-                return res
-            async for event in source.aiter_sse():
-                now = time.perf_counter()
-                if event.data == "[DONE]":
-                    res.e2e_s = now - sent
-                    res.ok = res.error_code is None and res.finish_reason is not None
-                    if not res.ok and res.error_code is None:
-                        res.error_code = "no_finish_reason"
-                    break
-                chunk = json.loads(event.data)
-                if "error" in chunk:
-                    res.error_code = _error_code(event.data, "error_chunk")
-                    continue
-                if chunk.get("usage"):
-                    res.prompt_tokens = chunk["usage"].get("prompt_tokens")
-                    res.completion_tokens = chunk["usage"].get("completion_tokens")
-                for choice in chunk.get("choices") or ():
-                    text = (choice.get("delta") or {}).get("content")
-                    if text:
-                        if last_token is None:
-                            res.ttft_s = now - sent
-                        else:
-                            res.itl_s.append(now - last_token)
-                        last_token = now
-                        res.token_events += 1
-                        parts.append(text)
-                    if choice.get("finish_reason"):
-                        res.finish_reason = choice["finish_reason"]
-            else:  # the stream ended without [DONE] (transformers serve sends none)
-                res.e2e_s = time.perf_counter() - sent
-                res.ok = res.error_code is None and res.finish_reason is not None
-                if not res.ok:
-                    res.error_code = res.error_code or "no_finish_reason"
-    except (httpx.HTTPError, OSError, ValueError) as exc:
-        res.error_code = f"client_{type(exc).__name__}"
-        res.e2e_s = time.perf_counter() - sent
-    text = "".join(parts)
-    res.text_chars = len(text)
-    res.text_sha256 = hashlib.sha256(text.encode()).hexdigest()
-    return res
+    return await _timed_sse(client, "/v1/chat/completions", body, index, t0, _openai_event)
 
 
 _TOKEN_EVENT = b"event: token"
