@@ -771,6 +771,8 @@ class SpawnedStack:
             "GATEWAY_MAX_CONCURRENT_STREAMS": "1000000",
             "WORKER_CONCURRENCY": str(args.worker_concurrency),
         }
+        if args.worker_batch_tokens:
+            self.env["WORKER_BATCH_TOKENS"] = str(args.worker_batch_tokens)
         self.gateway = start_gateway(self.env, self.port, workdir / "gateway.log")
         self.procs.append(self.gateway)
         self.workers: list[Proc] = []
@@ -1333,6 +1335,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--workers", type=int, default=1, help="workers of the spawned stack")
     p.add_argument(
         "--worker-concurrency", type=int, default=1, help="WORKER_CONCURRENCY of each worker"
+    )
+    p.add_argument(
+        "--worker-batch-tokens", type=int, default=None, help="WORKER_BATCH_TOKENS of each worker"
     )
     p.add_argument(
         "--loadtest-tokens-per-s", type=float, default=50.0, help="per stream, 'loadtest' only"

@@ -97,7 +97,11 @@ def main() -> int:
             return 3
         engine = Engine(loaded, context_length=entry.serving.context_length)
         if settings.worker_batching == "auto" and settings.worker_concurrency > 1:
-            engine = BatchingEngine(engine, concurrency=settings.worker_concurrency)
+            engine = BatchingEngine(
+                engine,
+                concurrency=settings.worker_concurrency,
+                max_batch_tokens=settings.worker_batch_tokens,
+            )
         device, quantization = loaded.device, loaded.quantization
     # Every job thread shares these clients: one connection each at most, plus the cancel
     # listener, heartbeat and lease threads.

@@ -34,6 +34,12 @@ class WorkerSettings(CommonSettings):
         "continuous batching (images and seeded requests run one at a time); off: every job "
         "runs one at a time.",
     )
+    worker_batch_tokens: int = Field(
+        default=512,
+        ge=16,
+        description="Continuous batching: most tokens (prompt chunks + one per running "
+        "answer) in one forward pass; longer prompts are prefilled in several steps.",
+    )
     worker_cpu_quantization: Literal["none", "registry"] = Field(
         default="none",
         description="On a CPU, 'none' runs unquantized (faster here, see docs/BENCHMARKS.md); "
