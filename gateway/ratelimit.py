@@ -8,12 +8,12 @@ Two limits per user id (0 disables either):
   the last slot. A refused request is not counted (hammering does not prolong the wait), and
   its ``retry_after_s`` is when the oldest request that must leave the window does so.
 * concurrent streams: ``{prefix}:rl:{owner}:streams`` is a sorted set of slot tokens scored by
-  their expiry (start + ``stream_ttl_s``). A slot is released when its ``stream()`` block ends,
-  also on an exception or a cancellation (the release is shielded from anyio's level-triggered
-  cancellation, which would otherwise cancel it too). A gateway that dies mid-stream cannot
-  leak a slot forever: the script prunes expired tokens. ``stream_ttl_s`` must therefore
-  bound one stream (queue wait plus generation); a longer stream stops counting once it
-  expires. A stream ends when its generation does, which no one can predict, so its
+  their expiry (start + ``stream_ttl_s``). A slot is released when the block of the context that
+  ``admit()`` returns ends, also on an exception or a cancellation (the release is shielded from
+  anyio's level-triggered cancellation, which would otherwise cancel it too). A gateway that
+  dies mid-stream cannot leak a slot forever: the script prunes expired tokens. ``stream_ttl_s``
+  must therefore bound one stream (queue wait plus generation); a longer stream stops counting
+  once it expires. A stream ends when its generation does, which no one can predict, so its
   ``retry_after_s`` is the earliest guaranteed expiry capped at ``STREAM_RETRY_HINT_S``.
 
 ``owner`` is ``shared.keys.owner_tag(user_id)``: user ids never appear in key names. Every key
@@ -124,11 +124,7 @@ class RateLimiter:
         """Count one request of ``user_id`` and, for a stream, take one of their stream slots,
         in one round trip. RateLimited if either limit is reached (then nothing is taken).
         Returns a context manager that holds the slot until its block ends."""
-        return await self._admit(user_id, self._rpm, self._streams if stream else 0)
-
-    async def _admit(
-        self, user_id: str, rpm: int, streams: int
-    ) -> contextlib.AbstractAsyncContextManager[None]:
+        rpm, streams = self._rpm, self._streams if stream else 0
         if not rpm and not streams:
             return contextlib.nullcontext()
         now = self._clock()
@@ -163,16 +159,6 @@ class RateLimiter:
         if not streams:
             return contextlib.nullcontext()
         return self._holding(self._key(user_id, "streams"), token)
-
-    async def hit(self, user_id: str) -> None:
-        """Count one request of ``user_id``; RateLimited if the last minute is full."""
-        await self._admit(user_id, self._rpm, 0)
-
-    @contextlib.asynccontextmanager
-    async def stream(self, user_id: str) -> AsyncIterator[None]:
-        """Hold one of ``user_id``'s concurrent-stream slots for the block's duration."""
-        async with await self._admit(user_id, 0, self._streams):
-            yield
 
     @contextlib.asynccontextmanager
     async def _holding(self, key: str, token: str) -> AsyncIterator[None]:

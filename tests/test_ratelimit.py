@@ -37,6 +37,11 @@ def run(fn: Callable[[fakeredis.FakeServer, Clock], Awaitable[T]]) -> T:
     return anyio.run(main)
 
 
+async def hit(rl: RateLimiter, user_id: str) -> None:
+    """Count one request (no stream slot)."""
+    await rl.admit(user_id, stream=False)
+
+
 def limiter(
     server: fakeredis.FakeServer,
     clock: Clock,
@@ -83,22 +88,22 @@ def test_the_request_over_the_limit_waits_for_the_window() -> None:
         rl = limiter(server, clock, rpm=3)
         for dt in (0.0, 10.0, 20.0):
             clock.now = T0 + dt
-            await rl.hit(ALICE)
+            await rl.admit(ALICE, stream=False)
         clock.now = T0 + 30.0
         with pytest.raises(RateLimited) as err:
-            await rl.hit(ALICE)
+            await rl.admit(ALICE, stream=False)
         assert err.value.limit == "requests_per_minute"
         assert err.value.retry_after_s == 30  # the first request leaves the window at T0+60
         assert "3 requests per minute" in err.value.message
         clock.now = T0 + 59.5
         with pytest.raises(RateLimited) as err:
-            await rl.hit(ALICE)
+            await rl.admit(ALICE, stream=False)
         assert err.value.retry_after_s == 1  # never 0
-        await rl.hit(BOB)  # another key has its own window
+        await rl.admit(BOB, stream=False)  # another key has its own window
         clock.now = T0 + 60.0
-        await rl.hit(ALICE)  # the first request left; the refused ones were not counted
+        await hit(rl, ALICE)  # the first request left; the refused ones were not counted
         with pytest.raises(RateLimited) as err:
-            await rl.hit(ALICE)
+            await rl.admit(ALICE, stream=False)
         assert err.value.retry_after_s == 10  # now the T0+10 request is the one to wait for
 
     run(go)
@@ -107,12 +112,12 @@ def test_the_request_over_the_limit_waits_for_the_window() -> None:
 def test_two_gateways_share_the_count() -> None:
     async def go(server: fakeredis.FakeServer, clock: Clock) -> None:
         a, b = limiter(server, clock, rpm=4), limiter(server, clock, rpm=4)
-        await a.hit(ALICE)
-        await b.hit(ALICE)
-        await asyncio.gather(a.hit(ALICE), b.hit(ALICE))
+        await a.admit(ALICE, stream=False)
+        await b.admit(ALICE, stream=False)
+        await asyncio.gather(a.admit(ALICE, stream=False), b.admit(ALICE, stream=False))
         for gw in (a, b):
             with pytest.raises(RateLimited) as err:
-                await gw.hit(ALICE)
+                await gw.admit(ALICE, stream=False)
             assert 1 <= err.value.retry_after_s <= 60
 
     run(go)
@@ -122,7 +127,7 @@ def test_concurrent_hits_never_exceed_the_limit() -> None:
     async def go(server: fakeredis.FakeServer, clock: Clock) -> None:
         gateways = [limiter(server, clock, rpm=10) for _ in range(3)]
         results = await asyncio.gather(
-            *(gateways[n % 3].hit(ALICE) for n in range(30)), return_exceptions=True
+            *(hit(gateways[n % 3], ALICE) for n in range(30)), return_exceptions=True
         )
         assert sum(r is None for r in results) == 10
         assert all(isinstance(r, RateLimited) for r in results if r is not None)
@@ -136,17 +141,17 @@ def test_concurrent_hits_never_exceed_the_limit() -> None:
 def test_the_stream_over_the_limit_is_refused_until_one_ends() -> None:
     async def go(server: fakeredis.FakeServer, clock: Clock) -> None:
         a, b = limiter(server, clock, streams=2), limiter(server, clock, streams=2)
-        async with a.stream(ALICE):
-            async with b.stream(ALICE):
+        async with await a.admit(ALICE, stream=True):
+            async with await b.admit(ALICE, stream=True):
                 with pytest.raises(RateLimited) as err:
-                    async with a.stream(ALICE):
+                    async with await a.admit(ALICE, stream=True):
                         pytest.fail("a third stream ran")
                 assert err.value.limit == "concurrent_streams"
                 assert 1 <= err.value.retry_after_s <= 5
-                async with a.stream(BOB):
+                async with await a.admit(BOB, stream=True):
                     pass
                 assert await all_keys_have_ttl(server) == [f"mg:rl:{owner_tag(ALICE)}:streams"]
-            async with b.stream(ALICE):  # the inner one ended: its slot is free
+            async with await b.admit(ALICE, stream=True):  # the inner one ended: its slot is free
                 pass
         assert await all_keys_have_ttl(server) == []  # released slots leave nothing behind
 
@@ -157,9 +162,9 @@ def test_an_exception_in_the_block_frees_the_slot() -> None:
     async def go(server: fakeredis.FakeServer, clock: Clock) -> None:
         rl = limiter(server, clock, streams=1)
         with pytest.raises(RuntimeError):
-            async with rl.stream(ALICE):
+            async with await rl.admit(ALICE, stream=True):
                 raise RuntimeError("generation failed")
-        async with rl.stream(ALICE):
+        async with await rl.admit(ALICE, stream=True):
             pass
 
     run(go)
@@ -171,7 +176,7 @@ def test_cancellation_frees_the_slot() -> None:
         started = asyncio.Event()
 
         async def client() -> None:
-            async with rl.stream(ALICE):
+            async with await rl.admit(ALICE, stream=True):
                 started.set()
                 await asyncio.sleep(60)
 
@@ -181,9 +186,9 @@ def test_cancellation_frees_the_slot() -> None:
         with pytest.raises(asyncio.CancelledError):
             await task
         with anyio.move_on_after(0.05):  # anyio: cancellation that keeps cancelling
-            async with rl.stream(ALICE):
+            async with await rl.admit(ALICE, stream=True):
                 await anyio.sleep(60)
-        async with rl.stream(ALICE):
+        async with await rl.admit(ALICE, stream=True):
             pass
 
     run(go)
@@ -195,20 +200,20 @@ def test_a_slot_of_a_dead_gateway_expires() -> None:
             limiter(server, clock, streams=1, stream_ttl_s=300),
             limiter(server, clock, streams=1, stream_ttl_s=300),
         )
-        holder = dead.stream(ALICE)
+        holder = await dead.admit(ALICE, stream=True)
         await holder.__aenter__()  # and never exits: the process died mid-stream
         clock.now = T0 + 100
         with pytest.raises(RateLimited) as err:
-            async with alive.stream(ALICE):
+            async with await alive.admit(ALICE, stream=True):
                 pass
         assert err.value.retry_after_s == 5  # capped: streams usually end well before the TTL
         clock.now = T0 + 299
         with pytest.raises(RateLimited) as err:
-            async with alive.stream(ALICE):
+            async with await alive.admit(ALICE, stream=True):
                 pass
         assert err.value.retry_after_s == 1
         clock.now = T0 + 300
-        async with alive.stream(ALICE):
+        async with await alive.admit(ALICE, stream=True):
             pass
 
     run(go)
@@ -221,14 +226,14 @@ def test_zero_disables_and_keys_are_opaque_with_ttls() -> None:
     async def go(server: fakeredis.FakeServer, clock: Clock) -> None:
         off = limiter(server, clock, rpm=0, streams=0)
         for _ in range(1000):
-            await off.hit(ALICE)
-        async with off.stream(ALICE), off.stream(ALICE):
+            await off.admit(ALICE, stream=False)
+        async with await off.admit(ALICE, stream=True), await off.admit(ALICE, stream=True):
             pass
         assert await all_keys_have_ttl(server) == []
 
         on = limiter(server, clock, rpm=5, streams=2, stream_ttl_s=900)
-        await on.hit(ALICE)
-        async with on.stream(ALICE), on.stream(ALICE):
+        await on.admit(ALICE, stream=False)
+        async with await on.admit(ALICE, stream=True), await on.admit(ALICE, stream=True):
             keys = await all_keys_have_ttl(server)
             assert keys == [f"mg:rl:{owner_tag(ALICE)}:{k}" for k in ("rpm", "streams")]
             assert not any("alice" in k for k in keys)
