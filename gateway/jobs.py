@@ -170,10 +170,10 @@ class JobService:
     ) -> AsyncIterator[Subscription]:
         """Enqueue ``job`` with its subscription already live; the subscription ends on exit.
 
-        503 at once if no worker serves the model; 429 if its line is full. The job's record
-        (``meta``), payload, place in line and ``also``'s commands are written in one
-        transaction, while the subscription is being confirmed: three round trips to Redis
-        before the Celery message, whatever the request."""
+        503 at once if no worker serves the model; 429 if its line is full. Two round trips
+        before the Celery message: one pipeline counts live workers and the line; then one
+        transaction writes the job's record (``meta``), payload, place in line and ``also``'s
+        commands while the subscription is being confirmed."""
         try:
             pipe = self._redis.pipeline(transaction=False)
             self._count_live(pipe, job.model)
