@@ -666,12 +666,12 @@ def engine_baseline(
 # --- models.json entries and the spawned stack ---------------------------------------------
 
 
-def local_entry(path: Path, args: argparse.Namespace) -> dict[str, Any]:
-    """A registry entry serving the model folder (or .gguf file) at ``path``."""
+def _entry(name: str, alias: str, description: str, serving: dict[str, Any]) -> dict[str, Any]:
+    """A text-only /medgemma registry entry with every control on."""
     return {
-        "model_name": LOCAL_MODEL,
-        "model_alias": "Benchmark model",
-        "description": f"bench/serve.py: {path.name}",
+        "model_name": name,
+        "model_alias": alias,
+        "description": description,
         "endpoint": "/medgemma",
         "capabilities": {"stream": True, "image": False, "inference": True},
         "controls": {
@@ -680,39 +680,34 @@ def local_entry(path: Path, args: argparse.Namespace) -> dict[str, Any]:
             "verbosity": True,
             "system_message": True,
         },
-        "serving": {
-            "path": str(path.resolve()),
-            "quantization": "none",
-            "dtype": args.dtype,
-            "context_length": args.context_length,
-            "max_new_tokens": args.max_tokens or 256,
-        },
+        "serving": serving,
     }
+
+
+def local_entry(path: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """A registry entry serving the model folder (or .gguf file) at ``path``."""
+    serving = {
+        "path": str(path.resolve()),
+        "quantization": "none",
+        "dtype": args.dtype,
+        "context_length": args.context_length,
+        "max_new_tokens": args.max_tokens or 256,
+    }
+    return _entry(LOCAL_MODEL, "Benchmark model", f"bench/serve.py: {path.name}", serving)
 
 
 def loadtest_entry(args: argparse.Namespace) -> dict[str, Any]:
     """An entry on the load-test engine: no model, ``--loadtest-tokens-per-s`` per stream."""
-    return {
-        "model_name": LOADTEST_MODEL,
-        "model_alias": "Load test (no model)",
-        "description": "bench/serve.py: the load-test engine, fixed-rate tokens",
-        "endpoint": "/medgemma",
-        "capabilities": {"stream": True, "image": False, "inference": True},
-        "controls": {
-            "temperature": True,
-            "reason": False,
-            "verbosity": True,
-            "system_message": True,
-        },
-        "serving": {
-            "engine": "loadtest",
-            "loadtest_tokens_per_s": args.loadtest_tokens_per_s,
-            "loadtest_first_token_s": args.loadtest_first_token_ms / 1000.0,
-            "context_length": args.context_length,
-            "max_new_tokens": args.max_tokens or 64,
-            "max_queue": 100_000,
-        },
+    serving = {
+        "engine": "loadtest",
+        "loadtest_tokens_per_s": args.loadtest_tokens_per_s,
+        "loadtest_first_token_s": args.loadtest_first_token_ms / 1000.0,
+        "context_length": args.context_length,
+        "max_new_tokens": args.max_tokens or 64,
+        "max_queue": 100_000,
     }
+    description = "bench/serve.py: the load-test engine, fixed-rate tokens"
+    return _entry(LOADTEST_MODEL, "Load test (no model)", description, serving)
 
 
 def resolve_model(value: str, args: argparse.Namespace, workdir: Path) -> tuple[Registry, str]:
