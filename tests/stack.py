@@ -29,6 +29,19 @@ from devstack.processes import (
 )
 from shared.redis_url import sync_redis
 
+# The fields of the seed's models.json entries, which GET /models must keep.
+SEED_FIELDS = {
+    "model_name",
+    "model_alias",
+    "description",
+    "endpoint",
+    "in_billing",
+    "out_billing",
+    "capabilities",
+    "controls",
+    "admin",
+}
+
 USER_KEY = "test-key-alice"
 OTHER_KEY = "test-key-bob"
 ADMIN_KEY = "test-key-admin"

@@ -9,7 +9,7 @@ import time
 import httpx
 import pytest
 
-from tests.stack import OTHER_KEY, Stack, ask, sse_events, tokens
+from tests.stack import OTHER_KEY, SEED_FIELDS, Stack, ask, sse_events, tokens
 
 pytestmark = pytest.mark.integration
 
@@ -105,18 +105,7 @@ def test_models_lists_availability_and_hides_admin_models(stack: Stack) -> None:
     assert models["ghost-model"]["available"] is False
     assert "secret-model" not in models
     assert "serving" not in models["tiny-gemma"]
-    seed_fields = {
-        "model_name",
-        "model_alias",
-        "description",
-        "endpoint",
-        "in_billing",
-        "out_billing",
-        "capabilities",
-        "controls",
-        "admin",
-    }
-    assert seed_fields <= set(models["tiny-gemma"])
+    assert SEED_FIELDS <= set(models["tiny-gemma"])
     with stack.client("test-key-admin") as c:
         assert "secret-model" in {m["model_name"] for m in c.get("/models").json()}
 

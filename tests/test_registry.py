@@ -9,19 +9,9 @@ from typing import Any
 import pytest
 
 from shared.registry import DEFAULT_DISCLAIMER, ModelEntry, RegistryError, load_registry
+from tests.stack import SEED_FIELDS
 
 ROOT = Path(__file__).resolve().parent.parent
-SEED_FIELDS = {
-    "model_name",
-    "model_alias",
-    "description",
-    "endpoint",
-    "in_billing",
-    "out_billing",
-    "capabilities",
-    "controls",
-    "admin",
-}
 
 
 def _entry(**overrides: Any) -> dict[str, Any]:
