@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -239,3 +240,42 @@ def tokens(events: list[ServerSentEvent]) -> str:
 
 def iter_stack_logs(stack: Stack) -> Iterator[str]:
     yield from stack.logs().splitlines()
+
+
+@dataclass
+class BackgroundStream:
+    """A /medgemma stream read on its own thread: ``events`` fill up as (event, data) pairs."""
+
+    events: list[tuple[str, str]] = field(default_factory=list)
+    job_id: str = ""
+    _seen: threading.Condition = field(default_factory=threading.Condition)
+    _thread: threading.Thread | None = None
+
+    def wait_for_events(self, n: int, timeout_s: float) -> bool:
+        """True once ``n`` events have arrived (within ``timeout_s``)."""
+        with self._seen:
+            return self._seen.wait_for(lambda: len(self.events) >= n, timeout_s)
+
+    def join(self, timeout_s: float) -> None:
+        assert self._thread is not None
+        self._thread.join(timeout_s)
+
+    def is_alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+
+def stream_in_background(stack: Stack, body: dict[str, Any]) -> BackgroundStream:
+    """POST ``body`` to /medgemma and read its events on a thread until the stream ends."""
+    bg = BackgroundStream()
+
+    def read() -> None:
+        with stack.client() as c, connect_sse(c, "POST", "/medgemma", json=body) as src:
+            bg.job_id = src.response.headers.get("x-job-id", "")
+            for e in events_of(src):
+                with bg._seen:
+                    bg.events.append((e.event, e.data))
+                    bg._seen.notify_all()
+
+    bg._thread = threading.Thread(target=read)
+    bg._thread.start()
+    return bg

@@ -5,17 +5,15 @@ from __future__ import annotations
 
 import json
 import signal
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
-from httpx_sse import connect_sse
 
 from devstack.processes import start_redis, wait_for
-from tests.stack import Stack, ask, events_of, start_stack
+from tests.stack import Stack, ask, start_stack, stream_in_background
 
 pytestmark = pytest.mark.integration
 
@@ -40,21 +38,9 @@ def test_redis_outage_fails_fast_and_recovers_by_itself(own_stack: Stack) -> Non
     redis_proc = stack.procs[0]
     assert redis_proc.name == "redis"
     port = int(stack.redis_url.rsplit(":", 1)[1].split("/")[0])
-    events: list[tuple[str, str]] = []
-    streaming = threading.Event()
-
-    def stream() -> None:
-        with (
-            stack.client() as c,
-            connect_sse(c, "POST", "/medgemma", json=ask("long", model="slow-model")) as src,
-        ):
-            for e in events_of(src):
-                events.append((e.event, e.data))
-                streaming.set()
-
-    reader = threading.Thread(target=stream)
-    reader.start()
-    assert streaming.wait(20)
+    reader = stream_in_background(stack, ask("long", model="slow-model"))
+    events = reader.events
+    assert reader.wait_for_events(1, 20)
     redis_proc.stop()  # Redis goes away mid-stream
     stopped_at = time.monotonic()
     reader.join(15)
@@ -82,25 +68,16 @@ def test_redis_outage_fails_fast_and_recovers_by_itself(own_stack: Stack) -> Non
 def test_sigterm_to_a_busy_worker_finishes_the_answer_and_exits_0(own_stack: Stack) -> None:
     stack = own_stack
     worker = stack.add_worker("slow-model")
-    got: list[str] = []
-    started = threading.Event()
-
-    def stream() -> None:
-        body = ask("finish me", model="slow-model", verbosity=0)  # 50 tokens, 2.5 s
-        with stack.client() as c, connect_sse(c, "POST", "/medgemma", json=body) as src:
-            for e in events_of(src):
-                got.append(e.event)
-                started.set()
-
     # Only this worker serves slow-model now: stop the earlier one first.
     for p in stack.procs:
         if p is not worker and p.name == "worker" and "slow-model" in str(p.log_path):
             p.stop()
-    reader = threading.Thread(target=stream)
-    reader.start()
-    assert started.wait(20)
+    body = ask("finish me", model="slow-model", verbosity=0)  # 50 tokens, 2.5 s
+    reader = stream_in_background(stack, body)
+    assert reader.wait_for_events(1, 20)
     worker.signal(signal.SIGTERM)
     reader.join(30)
+    got = [kind for kind, _ in reader.events]
     assert got[-1] == "done", got[-3:]
     assert worker.popen.wait(30) == 0
 
@@ -108,21 +85,9 @@ def test_sigterm_to_a_busy_worker_finishes_the_answer_and_exits_0(own_stack: Sta
 def test_sigterm_to_the_gateway_ends_open_streams_with_a_clean_event(own_stack: Stack) -> None:
     stack = own_stack
     stack.add_worker("slow-model")
-    frames: list[tuple[str, str]] = []
-    started = threading.Event()
-
-    def stream() -> None:
-        with (
-            stack.client() as c,
-            connect_sse(c, "POST", "/medgemma", json=ask("long", model="slow-model")) as src,
-        ):
-            for e in events_of(src):
-                frames.append((e.event, e.data))
-                started.set()
-
-    reader = threading.Thread(target=stream)
-    reader.start()
-    assert started.wait(20)
+    reader = stream_in_background(stack, ask("long", model="slow-model"))
+    frames = reader.events
+    assert reader.wait_for_events(1, 20)
     gateway = next(p for p in stack.procs if p.name == "gateway")
     gateway.signal(signal.SIGTERM)
     reader.join(15)

@@ -19,7 +19,7 @@ from redis import Redis
 from devstack.processes import Proc
 from shared.keys import Keys
 from shared.protocol import DoneEvent, decode_event
-from tests.stack import OTHER_KEY, Stack, ask, events_of
+from tests.stack import OTHER_KEY, Stack, ask, events_of, stream_in_background
 
 pytestmark = pytest.mark.integration
 SLOW = "slow-model"
@@ -48,30 +48,15 @@ def wait_for_done(stack: Stack, job_id: str, timeout_s: float) -> tuple[DoneEven
 
 
 def test_cancel_endpoint_stops_generation_within_a_second(stack: Stack, slow_worker: Proc) -> None:
-    got: list[str] = []
-    job: dict[str, str] = {}
-    seen_five = threading.Event()
-
-    def read() -> None:
-        with (
-            stack.client() as c,
-            connect_sse(c, "POST", "/medgemma", json=ask("long answer please", model=SLOW)) as src,
-        ):
-            job["id"] = src.response.headers["x-job-id"]
-            for e in events_of(src):
-                got.append(e.event)
-                if len(got) == 5:
-                    seen_five.set()
-
-    reader = threading.Thread(target=read)
-    reader.start()
-    assert seen_five.wait(20)
+    reader = stream_in_background(stack, ask("long answer please", model=SLOW))
+    assert reader.wait_for_events(5, 20)
     with stack.client() as c:
         t0 = time.monotonic()
-        r = c.post(f"/jobs/{job['id']}/cancel")
+        r = c.post(f"/jobs/{reader.job_id}/cancel")
     assert r.status_code == 202
-    done, t_done = wait_for_done(stack, job["id"], 5)
+    done, t_done = wait_for_done(stack, reader.job_id, 5)
     reader.join(10)
+    got = [kind for kind, _ in reader.events]
     assert done.finish_reason == "cancelled"
     assert t_done - t0 < 1.0, f"worker kept generating {t_done - t0:.2f}s after the cancel"
     assert done.usage.completion_tokens < 40  # of 200
