@@ -797,6 +797,10 @@ class SpawnedStack:
     def log(self, name: str) -> str:
         return (self.workdir / f"{name}.log").read_text(errors="replace")
 
+    def worker_logs(self) -> str:
+        """Every worker's log, one after the other (each line names its job)."""
+        return "".join(Path(str(w.log_path)).read_text(errors="replace") for w in self.workers)
+
 
 def wait_workers(redis_url: str, model: str, count: int, timeout_s: float) -> None:
     """Wait until ``count`` workers of ``model`` send heartbeats."""
@@ -1471,7 +1475,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 report["gateway_memory_kib"] = memory_kib(stack.gateway.popen.pid)
             if stack is not None:
                 report["worker_breakdown"] = worker_breakdown(
-                    stack.log("worker"), stack.log("gateway"), results
+                    stack.worker_logs(), stack.log("gateway"), results
                 )
         finally:
             if stack is not None:
