@@ -1,9 +1,11 @@
-"""Continuous batching vs one-at-a-time on one model instance, in-process, side by side.
+"""N streams at once vs N in a row on one model instance, in-process, side by side.
 
-Runs N identical-length greedy generations (different prompts) first one after another with
-the plain engine, then all at once through the batching engine (N threads, as N Celery
-threads would), and reports total token throughput of each and the ratio. Both use the same
-loaded model in the same process, so the ratio is what batching buys on this machine.
+Builds the worker's engine (:func:`worker.engines.factory.build_engine`, concurrency N), runs
+N greedy generations (different prompts) first one after another (each finds the worker idle,
+so each decodes on the single-stream path), then all at once (N threads, as N Celery threads
+would: the first starts alone and moves into the batch when the others arrive), and reports
+the total token throughput of each and the ratio. Same loaded model, same process: the ratio is
+what batching buys on this machine.
 
     python bench/batching.py --model demo --concurrency 8 --new-tokens 64 \
         --out docs/bench/batching_cpu.json
@@ -30,8 +32,7 @@ import torch  # noqa: E402
 
 from shared.protocol import ChatMessage, SamplingParams, TextPart  # noqa: E402
 from shared.registry import ModelEntry, Registry, load_registry  # noqa: E402
-from worker.batching import BatchingEngine  # noqa: E402
-from worker.engine import Engine  # noqa: E402
+from worker.engines.factory import EngineOptions, build_engine  # noqa: E402
 from worker.loader import load_model  # noqa: E402
 
 QUESTIONS = [
@@ -74,12 +75,25 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", choices=["demo", "tiny"], default="demo")
     p.add_argument("--concurrency", type=int, default=8)
     p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--compile", choices=["on", "off"], default="on")
+    p.add_argument("--batching", choices=["auto", "always"], default="auto")
+    p.add_argument("--batch-tokens", type=int, default=512)
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
 
     entry, reg = _entry(args.model)
     loaded = load_model(entry, reg, device="cpu")
-    engine = Engine(loaded, context_length=entry.serving.context_length)
+    engine = build_engine(
+        loaded,
+        context_length=entry.serving.context_length,
+        options=EngineOptions(
+            concurrency=args.concurrency,
+            batching=args.batching,
+            batch_tokens=args.batch_tokens,
+            compile=args.compile == "on",
+        ),
+    )
+    engine.warmup()
     # Force the length: min_new_tokens is not in SamplingParams, so use prompts that the
     # model answers at length and count what it generated.
     sampling = SamplingParams(temperature=0, max_new_tokens=args.new_tokens)
@@ -94,15 +108,15 @@ def main(argv: list[str] | None = None) -> int:
     serial_s = time.perf_counter() - t0
     serial_tokens = sum(r.completion_tokens for r in serial)
 
-    batching = BatchingEngine(engine, concurrency=args.concurrency)
-    batching.generate(prompts[0], sampling, on_text=lambda _: None)  # warm-up
     results: list[int] = [0] * len(prompts)
     same: list[bool] = [False] * len(prompts)
+    paths: list[str] = [""] * len(prompts)
 
     def run(i: int) -> None:
-        r = batching.generate(prompts[i], sampling, on_text=lambda _: None)
+        r = engine.generate(prompts[i], sampling, on_text=lambda _: None)
         results[i] = r.completion_tokens
         same[i] = r.text == serial[i].text
+        paths[i] = r.path
 
     threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
     t0 = time.perf_counter()
@@ -111,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     for t in threads:
         t.join()
     batched_s = time.perf_counter() - t0
-    batching.close()
+    engine.close()
     batched_tokens = sum(results)
 
     serial_rate = serial_tokens / serial_s
@@ -138,11 +152,20 @@ def main(argv: list[str] | None = None) -> int:
         },
         "ratio": round(batched_rate / serial_rate, 2),
         "identical_greedy_text": f"{sum(same)}/{len(same)}",
+        "options": {
+            "compile": args.compile,
+            "batching": args.batching,
+            "batch_tokens": args.batch_tokens,
+            "dtype": loaded.dtype,
+        },
+        "serial_paths": sorted({r.path for r in serial}),
+        "batched_paths": {p: paths.count(p) for p in sorted(set(paths))},
     }
     print(f"{'mode':10} {'seconds':>8} {'tokens':>7} {'tok/s':>8}")
     print(f"{'serial':10} {serial_s:8.2f} {serial_tokens:7d} {serial_rate:8.1f}")
     print(f"{'batched':10} {batched_s:8.2f} {batched_tokens:7d} {batched_rate:8.1f}")
     print(f"ratio {report['ratio']}x; identical greedy text {report['identical_greedy_text']}")
+    print(f"paths: serial {report['serial_paths']}, at once {report['batched_paths']}")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(report, indent=2) + "\n")

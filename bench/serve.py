@@ -34,7 +34,7 @@ What is measured, and how:
   request throughput and output token throughput = completed requests and completion tokens
   divided by the wall time from the first request sent to the last answer ended.
 * **Engine baseline** (``--engine-baseline``): before any HTTP load, the same model is loaded
-  in this process with :func:`worker.loader.load_model` and :class:`worker.engine.Engine`, and
+  in this process with :func:`worker.loader.load_model` and the worker's engine, and
   ``Engine.generate`` runs ``--baseline-runs`` times (after ``--baseline-warmup``) with exactly
   the messages and sampling the gateway builds for the request (the gateway's own
   :func:`gateway.medgemma.serving.sampling_for`). Its TTFT is the call to ``generate`` to the
@@ -574,6 +574,17 @@ def _mark(marks: list[float], _text: str) -> None:
     marks.append(time.perf_counter())
 
 
+def worker_env(args: argparse.Namespace) -> dict[str, str]:
+    """``--worker-env NAME=VALUE`` pairs."""
+    out: dict[str, str] = {}
+    for pair in args.worker_env:
+        name, sep, value = pair.partition("=")
+        if not sep or not name.startswith("WORKER_"):
+            raise SystemExit(f"--worker-env takes WORKER_NAME=VALUE, got {pair!r}")
+        out[name] = value
+    return out
+
+
 def engine_baseline(
     entry: ModelEntry,
     registry: Registry,
@@ -583,16 +594,19 @@ def engine_baseline(
     runs: int,
     warmup: int,
     device: str,
+    compile: bool,
 ) -> dict[str, Any]:
-    """Load the model here, run ``Engine.generate`` ``warmup + runs`` times, free the model."""
+    """Load the model here, run the worker's engine ``warmup + runs`` times (one job at a time,
+    so on the single-stream path), free the model."""
     import torch
 
-    from worker.engine import Engine, GenerationEngine
+    from worker.engines.base import GenerationEngine
+    from worker.engines.factory import EngineOptions, build_engine
     from worker.loader import load_model
 
     engine: GenerationEngine
     if entry.serving.engine == "loadtest":
-        from worker.loadtest import LoadTestEngine
+        from worker.engines.loadtest import LoadTestEngine
 
         engine = LoadTestEngine(
             entry.serving.loadtest_tokens_per_s,
@@ -601,7 +615,12 @@ def engine_baseline(
         info: dict[str, Any] = {"device": "none", "model_class": "LoadTestEngine"}
     else:
         loaded = load_model(entry, registry, device=device)
-        engine = Engine(loaded, context_length=entry.serving.context_length)
+        engine = build_engine(
+            loaded,
+            context_length=entry.serving.context_length,
+            options=EngineOptions(concurrency=1, compile=compile),
+        )
+        engine.warmup()
         info = {
             "device": loaded.device,
             "dtype": loaded.dtype,
@@ -630,11 +649,13 @@ def engine_baseline(
                 "prompt_tokens": result.prompt_tokens,
                 "completion_tokens": n,
                 "finish_reason": result.finish_reason,
+                "path": result.path,
                 "tpot_s": (t1 - t0 - ttft) / (n - 1) if ttft is not None and n > 1 else None,
                 "text_sha256": hashlib.sha256(result.text.encode()).hexdigest(),
                 "text_chars": len(result.text),
             }
         )
+    engine.close()
     del engine
     gc.collect()
     if torch.cuda.is_available():
@@ -768,6 +789,7 @@ class SpawnedStack:
         }
         if args.worker_batch_tokens:
             self.env["WORKER_BATCH_TOKENS"] = str(args.worker_batch_tokens)
+        self.env.update(worker_env(args))
         self.gateway = start_gateway(self.env, self.port, workdir / "gateway.log")
         self.procs.append(self.gateway)
         self.workers: list[Proc] = []
@@ -1339,6 +1361,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--worker-batch-tokens", type=int, default=None, help="WORKER_BATCH_TOKENS of each worker"
     )
     p.add_argument(
+        "--worker-env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="another setting of each spawned worker (repeatable), e.g. WORKER_COMPILE=off; "
+        "WORKER_COMPILE applies to the engine baseline too",
+    )
+    p.add_argument(
         "--loadtest-tokens-per-s", type=float, default=50.0, help="per stream, 'loadtest' only"
     )
     p.add_argument("--loadtest-first-token-ms", type=float, default=0.0, help="simulated prefill")
@@ -1451,6 +1481,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 runs=args.baseline_runs,
                 warmup=args.baseline_warmup,
                 device=args.device,
+                compile=worker_env(args).get("WORKER_COMPILE", "auto") != "off",
             )
             report["engine_baseline"]["sampling"] = sampling.model_dump()
             report["cpu"]["baseline"] = meter.stop()

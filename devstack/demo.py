@@ -46,7 +46,7 @@ def main() -> int:
             GATEWAY_DEFAULT_MODEL=os.environ.get("WORKER_MODEL", DEMO_MODEL),
             GATEWAY_ENV="development",
         )
-        print("loading the demo model (the first start converts it, about 20 s) ...")
+        print("loading the demo model and compiling its decoding step (about a minute) ...")
         worker = start_worker(env)
         procs.append(worker)
         procs.append(start_gateway(env, port))

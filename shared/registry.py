@@ -82,7 +82,17 @@ class Serving(BaseModel):
     package_file: PackageFile | None = None
     revision: str | None = Field(default=None, description="Hub revision (branch, tag, commit).")
     quantization: Literal["8bit", "4bit", "none"] = "none"
-    dtype: Literal["bfloat16", "float16", "float32", "auto"] = "auto"
+    quantization_backend: Literal["torchao", "bitsandbytes"] | None = Field(
+        default=None,
+        description="Which library quantizes. 8bit: torchao int8 weight-only by default "
+        "(compiled, as fast as bfloat16 or faster), or bitsandbytes LLM.int8. 4bit: "
+        "bitsandbytes NF4 only.",
+    )
+    dtype: Literal["bfloat16", "float16", "float32", "auto"] = Field(
+        default="auto",
+        description="auto: bfloat16 on a GPU, and on a CPU with native bfloat16 (AVX512-BF16 "
+        "or AMX); float32 on other CPUs.",
+    )
     context_length: int = Field(default=8192, ge=16)
     queue: str | None = Field(
         default=None, description="Celery queue; defaults to the model's name."
@@ -103,6 +113,21 @@ class Serving(BaseModel):
         description="System prompt used when a request sends none (the verbosity instruction "
         "is appended to it). Small models derail on a bare one-line system prompt.",
     )
+
+    @property
+    def quantizer(self) -> Literal["torchao", "bitsandbytes"] | None:
+        """The library that quantizes this model, or None for full precision."""
+        if self.quantization == "none":
+            return None
+        if self.quantization_backend is not None:
+            return self.quantization_backend
+        return "torchao" if self.quantization == "8bit" else "bitsandbytes"
+
+    @model_validator(mode="after")
+    def _backend_fits(self) -> Serving:
+        if self.quantization == "4bit" and self.quantization_backend == "torchao":
+            raise ValueError("4bit is served with bitsandbytes NF4; drop quantization_backend")
+        return self
 
     @model_validator(mode="after")
     def _one_source(self) -> Serving:

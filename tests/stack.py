@@ -192,6 +192,10 @@ def start_stack(
         "HEARTBEAT_INTERVAL_S": "0.5",
         "HEARTBEAT_TTL_S": "5",
         "WORKER_DEVICE": "cpu",
+        # One job at a time and eager decoding unless a test asks otherwise: the tiny model
+        # compiles in tens of seconds, and most tests are about the stack, not the engine.
+        "WORKER_CONCURRENCY": "1",
+        "WORKER_COMPILE": "off",
         "HF_HUB_OFFLINE": "1",
         "TOKENIZERS_PARALLELISM": "false",
         **(settings or {}),

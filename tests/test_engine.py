@@ -1,4 +1,4 @@
-"""worker.engine with a real tiny Gemma 3 (random weights, the MedGemma classes) on the CPU.
+"""worker.engines with a real tiny Gemma 3 (random weights, the MedGemma classes) on the CPU.
 
 The model's output is gibberish but deterministic under greedy decoding, which is all these
 tests need: streaming, cancellation, length limits, stop strings and context trimming are
@@ -17,9 +17,11 @@ import torch
 
 from devstack.tiny_gemma import build_tiny_gemma
 from shared.protocol import ChatMessage, SamplingParams, TextPart
-from shared.registry import ModelEntry, Registry
-from worker.engine import Engine, PromptTooLong, _DeltaStreamer
-from worker.loader import LoadedModel, load_model
+from tests.engines import load_tiny, make_engine, one_torch_thread, tiny_entry  # noqa: F401
+from worker.engines.base import PromptTooLong
+from worker.engines.detokenize import DeltaStreamer
+from worker.engines.model import ModelEngine
+from worker.loader import LoadedModel
 
 # With the tiny model's seed-0 weights this prompt never produces an end-of-turn token within
 # 30 greedy steps (checked in test_prompt_runs_to_the_length_limit).
@@ -32,20 +34,10 @@ def _msg(role: str, text: str) -> ChatMessage:
 
 
 def _load(folder: Path) -> LoadedModel:
-    entry = ModelEntry.model_validate(
-        {"model_name": "tiny-gemma", "model_alias": "Tiny Gemma", "serving": {"path": str(folder)}}
-    )
-    registry = Registry(models=[entry], source=folder.parent / "models.json")
-    return load_model(entry, registry, device="cpu")
+    return load_tiny(tiny_entry(folder), folder)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    """The model is tiny: one thread is fastest, and far faster on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
@@ -54,8 +46,10 @@ def loaded(tiny_gemma_dir: Path) -> LoadedModel:
 
 
 @pytest.fixture(scope="module")
-def engine(loaded: LoadedModel) -> Engine:
-    return Engine(loaded, context_length=2048)
+def engine(loaded: LoadedModel) -> Iterator[ModelEngine]:
+    e = make_engine(loaded)
+    yield e
+    e.close()
 
 
 class _Capture:
@@ -83,7 +77,7 @@ def captured(loaded: LoadedModel, monkeypatch: pytest.MonkeyPatch) -> Iterator[_
 
 
 def test_deltas_add_up_to_the_answer(
-    engine: Engine, loaded: LoadedModel, captured: _Capture
+    engine: ModelEngine, loaded: LoadedModel, captured: _Capture
 ) -> None:
     deltas: list[str] = []
     result = engine.generate([_msg("user", PROMPT)], GREEDY, on_text=deltas.append)
@@ -99,7 +93,7 @@ def test_deltas_add_up_to_the_answer(
     assert result.first_token_s is not None and result.first_token_s >= 0
 
 
-def test_greedy_is_deterministic(engine: Engine) -> None:
+def test_greedy_is_deterministic(engine: ModelEngine) -> None:
     first: list[str] = []
     second: list[str] = []
     a = engine.generate([_msg("user", PROMPT)], GREEDY, on_text=first.append)
@@ -109,14 +103,14 @@ def test_greedy_is_deterministic(engine: Engine) -> None:
     assert a.completion_tokens == b.completion_tokens
 
 
-def test_seeded_sampling_is_reproducible(engine: Engine) -> None:
+def test_seeded_sampling_is_reproducible(engine: ModelEngine) -> None:
     params = SamplingParams(temperature=1.0, top_p=0.95, max_new_tokens=16, seed=1234)
     a = engine.generate([_msg("user", PROMPT)], params, on_text=lambda _t: None)
     b = engine.generate([_msg("user", PROMPT)], params, on_text=lambda _t: None)
     assert a.text == b.text
 
 
-def test_should_stop_cancels(engine: Engine) -> None:
+def test_should_stop_cancels(engine: ModelEngine) -> None:
     deltas: list[str] = []
     params = SamplingParams(temperature=0.0, max_new_tokens=30)
     result = engine.generate(
@@ -130,7 +124,7 @@ def test_should_stop_cancels(engine: Engine) -> None:
     assert result.text == "".join(deltas)
 
 
-def test_prompt_runs_to_the_length_limit(engine: Engine) -> None:
+def test_prompt_runs_to_the_length_limit(engine: ModelEngine) -> None:
     long = engine.generate(
         [_msg("user", PROMPT)],
         SamplingParams(temperature=0.0, max_new_tokens=30),
@@ -140,7 +134,7 @@ def test_prompt_runs_to_the_length_limit(engine: Engine) -> None:
     assert long.completion_tokens == 30
 
 
-def test_max_new_tokens(engine: Engine) -> None:
+def test_max_new_tokens(engine: ModelEngine) -> None:
     deltas: list[str] = []
     result = engine.generate(
         [_msg("user", PROMPT)],
@@ -152,7 +146,7 @@ def test_max_new_tokens(engine: Engine) -> None:
     assert 1 <= len(deltas) <= 5
 
 
-def test_stop_string_ends_generation(engine: Engine) -> None:
+def test_stop_string_ends_generation(engine: ModelEngine) -> None:
     full = engine.generate([_msg("user", PROMPT)], GREEDY, on_text=lambda _t: None)
     # Pick a stop string from the middle of the greedy answer.
     words = full.text.split(" ")
@@ -169,7 +163,7 @@ def test_stop_string_ends_generation(engine: Engine) -> None:
     assert result.completion_tokens < full.completion_tokens
 
 
-def test_system_message_and_history(engine: Engine) -> None:
+def test_system_message_and_history(engine: ModelEngine) -> None:
     messages = [
         _msg("system", "You are a helpful medical assistant."),
         _msg("user", "What is a fever?"),
@@ -177,7 +171,7 @@ def test_system_message_and_history(engine: Engine) -> None:
         _msg("user", PROMPT),
     ]
     result = engine.generate(messages, GREEDY, on_text=lambda _t: None)
-    alone = engine.build_prompt([_msg("user", PROMPT)], 12)
+    alone = engine.prompter.build([_msg("user", PROMPT)], 12)
     assert result.prompt_tokens > alone.prompt_tokens
     assert result.trimmed_messages == 0
 
@@ -185,7 +179,7 @@ def test_system_message_and_history(engine: Engine) -> None:
 def test_text_only_gemma(tmp_path: Path) -> None:
     """Gemma3ForCausalLM + tokenizer (no processor) goes through the tokenizer's template."""
     loaded = _load(build_tiny_gemma(tmp_path / "text-only", multimodal=False))
-    engine = Engine(loaded, context_length=512)
+    engine = make_engine(loaded, 512)
     assert not engine.multimodal
     deltas: list[str] = []
     result = engine.generate(
@@ -210,12 +204,12 @@ def _history(pairs: int, last: str = "LAST-QUESTION what now?") -> list[ChatMess
 
 
 def test_long_history_is_trimmed_oldest_first(loaded: LoadedModel) -> None:
-    small = Engine(loaded, context_length=120)
+    small = make_engine(loaded, 120)
     messages = _history(6)
-    full = Engine(loaded, context_length=100_000).build_prompt(messages, 30)
+    full = make_engine(loaded, 100_000).prompter.build(messages, 30)
     assert full.prompt_tokens + 30 > 120  # the premise: it does not fit
 
-    prompt = small.build_prompt(messages, 30)
+    prompt = small.prompter.build(messages, 30)
     assert prompt.trimmed > 0
     assert prompt.prompt_tokens + 30 <= 120
     text = loaded.tokenizer.decode(prompt.inputs["input_ids"][0], skip_special_tokens=True)
@@ -229,13 +223,11 @@ def test_long_history_is_trimmed_oldest_first(loaded: LoadedModel) -> None:
     assert prompt.trimmed == 2 * (6 - len(kept))  # whole question/answer pairs went
     # Dropping one pair fewer would not have fitted.
     one_more = [messages[0], *messages[-2 * len(kept) - 3 :]]
-    assert (
-        Engine(loaded, context_length=100_000).build_prompt(one_more, 30).prompt_tokens + 30 > 120
-    )
+    assert make_engine(loaded, 100_000).prompter.build(one_more, 30).prompt_tokens + 30 > 120
 
 
 def test_answer_budget_is_cut_to_the_context(loaded: LoadedModel) -> None:
-    small = Engine(loaded, context_length=80)
+    small = make_engine(loaded, 80)
     messages = _history(4, last=PROMPT)
     result = small.generate(
         messages, SamplingParams(temperature=0.0, max_new_tokens=500), on_text=lambda _t: None
@@ -246,7 +238,7 @@ def test_answer_budget_is_cut_to_the_context(loaded: LoadedModel) -> None:
 
 
 def test_one_message_too_long(loaded: LoadedModel) -> None:
-    small = Engine(loaded, context_length=120)
+    small = make_engine(loaded, 120)
     huge = "the patient has a cough and a fever " * 40
     called: list[str] = []
     with pytest.raises(PromptTooLong) as info:
@@ -283,10 +275,9 @@ class _PieceTokenizer:
         return "".join(self.pieces[i] for i in ids)
 
 
-def _feed(streamer: _DeltaStreamer, ids: list[int]) -> None:
-    streamer.put(torch.tensor([[9, 9, 9]]))  # the prompt, which is ignored
+def _feed(streamer: DeltaStreamer, ids: list[int]) -> None:
     for i in ids:
-        streamer.put(torch.tensor([i]))
+        streamer.push([i])
         if streamer.stopped_by_string:
             break
     streamer.end()
@@ -295,7 +286,7 @@ def _feed(streamer: _DeltaStreamer, ids: list[int]) -> None:
 def test_stop_string_split_across_deltas_is_never_sent() -> None:
     tok = _PieceTokenizer({1: "Hello ", 2: "ST", 3: "OP", 4: " more", 9: "p"})
     sent: list[str] = []
-    streamer = _DeltaStreamer(tok, sent.append, ("STOP",))
+    streamer = DeltaStreamer(tok, sent.append, ("STOP",))
     _feed(streamer, [1, 2, 3, 4])
     assert streamer.stopped_by_string
     assert "".join(sent) == "Hello "
@@ -306,13 +297,12 @@ def test_stop_string_split_across_deltas_is_never_sent() -> None:
 def test_held_back_prefix_is_sent_when_it_is_not_a_stop() -> None:
     tok = _PieceTokenizer({1: "Hello ", 2: "ST", 3: "AY", 4: " home", 9: "p"})
     sent: list[str] = []
-    streamer = _DeltaStreamer(tok, sent.append, ("STOP",))
-    streamer.put(torch.tensor([[9]]))
-    streamer.put(torch.tensor([1]))
-    streamer.put(torch.tensor([2]))
+    streamer = DeltaStreamer(tok, sent.append, ("STOP",))
+    streamer.push([1])
+    streamer.push([2])
     assert "".join(sent) == "Hello "  # "ST" may still become "STOP": held back
-    streamer.put(torch.tensor([3]))
-    streamer.put(torch.tensor([4]))
+    streamer.push([3])
+    streamer.push([4])
     streamer.end()
     assert not streamer.stopped_by_string
     assert "".join(sent) == "Hello STAY home"
@@ -321,14 +311,14 @@ def test_held_back_prefix_is_sent_when_it_is_not_a_stop() -> None:
 def test_held_back_prefix_is_sent_at_the_end() -> None:
     tok = _PieceTokenizer({1: "Hello ", 2: "ST", 9: "p"})
     sent: list[str] = []
-    _feed(_DeltaStreamer(tok, sent.append, ("STOP",)), [1, 2])
+    _feed(DeltaStreamer(tok, sent.append, ("STOP",)), [1, 2])
     assert "".join(sent) == "Hello ST"
 
 
 def test_stop_string_inside_one_delta() -> None:
     tok = _PieceTokenizer({1: "abc</s>def", 2: "ghi", 9: "p"})
     sent: list[str] = []
-    streamer = _DeltaStreamer(tok, sent.append, ("</s>",))
+    streamer = DeltaStreamer(tok, sent.append, ("</s>",))
     _feed(streamer, [1, 2])
     assert "".join(sent) == "abc"
     assert streamer.stopped_by_string
@@ -337,7 +327,7 @@ def test_stop_string_inside_one_delta() -> None:
 def test_stop_string_at_the_very_start() -> None:
     tok = _PieceTokenizer({1: "</", 2: "s>", 3: "x", 9: "p"})
     sent: list[str] = []
-    streamer = _DeltaStreamer(tok, sent.append, ("</s>",))
+    streamer = DeltaStreamer(tok, sent.append, ("</s>",))
     _feed(streamer, [1, 2, 3])
     assert sent == []
     assert streamer.stopped_by_string
@@ -348,13 +338,12 @@ def test_incomplete_utf8_is_held_back(loaded: LoadedModel) -> None:
     ids = tok.encode("Hello é", add_special_tokens=False)
     assert tok.decode(ids[-1:]) == "\ufffd"  # "é" is two byte tokens here
     sent: list[str] = []
-    streamer = _DeltaStreamer(tok, sent.append, ())
-    streamer.put(torch.tensor([[2]]))
+    streamer = DeltaStreamer(tok, sent.append, ())
     for i in ids[:-1]:
-        streamer.put(torch.tensor([i]))
+        streamer.push([i])
     assert "\ufffd" not in "".join(sent)
     assert "".join(sent) == "Hello "
-    streamer.put(torch.tensor([ids[-1]]))
+    streamer.push([ids[-1]])
     streamer.end()
     assert "".join(sent) == "Hello é"
 
@@ -363,7 +352,7 @@ def test_stop_string_with_the_real_tokenizer(loaded: LoadedModel) -> None:
     tok = loaded.tokenizer
     ids = tok.encode("The heart STOP is normal", add_special_tokens=False)
     sent: list[str] = []
-    streamer = _DeltaStreamer(tok, sent.append, ("STOP",))
+    streamer = DeltaStreamer(tok, sent.append, ("STOP",))
     _feed(streamer, ids)
     assert streamer.stopped_by_string
     assert "".join(sent) == "The heart "
@@ -375,7 +364,7 @@ def test_stop_string_completed_in_the_held_back_tail_is_not_sent() -> None:
     # U+FFFD) and generation ends there. end() must not send "STOP".
     tok = _PieceTokenizer({1: "Hello ", 2: "ST", 3: "OP\ufffd", 9: "p"})
     sent: list[str] = []
-    streamer = _DeltaStreamer(tok, sent.append, ("STOP",))
+    streamer = DeltaStreamer(tok, sent.append, ("STOP",))
     _feed(streamer, [1, 2, 3])
     assert "STOP" not in "".join(sent)
     assert "".join(sent) == "Hello "

@@ -23,6 +23,7 @@ from typing import Any
 import huggingface_hub.constants
 import pytest
 import torch
+from pydantic import ValidationError
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from tokenizers import decoders as tk_decoders
 from transformers import (
@@ -351,9 +352,12 @@ def test_local_folder_full_precision(
     tiny_llama_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO, logger="worker.loader")
-    entry, registry = _entry(tmp_path, path=str(tiny_llama_dir), quantization="8bit")
+    entry, registry = _entry(
+        tmp_path, path=str(tiny_llama_dir), quantization="8bit", dtype="float32"
+    )
     loaded = load_model(entry, registry, device="cpu")  # cpu_quantization="none" by default
     assert loaded.quantization == "none"
+    assert loaded.quantization_label == "none"
     assert loaded.dtype == "float32"
     assert loaded.device == "cpu"
     assert loaded.processor is None
@@ -366,20 +370,51 @@ def test_local_folder_full_precision(
     assert "full precision" in caplog.text
 
 
+@pytest.mark.parametrize(("native", "dtype"), [(True, "bfloat16"), (False, "float32")])
+def test_auto_dtype_on_a_cpu_is_bfloat16_only_where_it_is_native(
+    tiny_llama_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, native: bool, dtype: str
+) -> None:
+    monkeypatch.setattr("worker.loader.native_bf16_cpu", lambda: native)
+    entry, registry = _entry(tmp_path, path=str(tiny_llama_dir))  # dtype "auto"
+    loaded = load_model(entry, registry, device="cpu")
+    assert loaded.dtype == dtype
+    assert all(str(p.dtype) == f"torch.{dtype}" for p in loaded.model.parameters())
+    _greedy(loaded, 4)
+
+
 @pytest.mark.parametrize(
-    ("quantization", "layer"), [("8bit", "Linear8bitLt"), ("4bit", "Linear4bit")]
+    ("quantization", "backend", "label"),
+    [
+        ("8bit", None, "8bit-torchao"),
+        ("8bit", "bitsandbytes", "8bit-bitsandbytes"),
+        ("4bit", None, "4bit-bitsandbytes"),
+    ],
 )
 def test_local_folder_cpu_quantization_from_registry(
-    tiny_llama_dir: Path, tmp_path: Path, quantization: str, layer: str
+    tiny_llama_dir: Path, tmp_path: Path, quantization: str, backend: str | None, label: str
 ) -> None:
-    import bitsandbytes as bnb
-
-    entry, registry = _entry(tmp_path, path=str(tiny_llama_dir), quantization=quantization)
+    serving: dict[str, Any] = {"path": str(tiny_llama_dir), "quantization": quantization}
+    if backend:
+        serving["quantization_backend"] = backend
+    entry, registry = _entry(tmp_path, **serving)
     loaded = load_model(entry, registry, device="cpu", cpu_quantization="registry")
     assert loaded.quantization == quantization
-    layer_cls = getattr(bnb.nn, layer)
-    assert any(isinstance(m, layer_cls) for m in loaded.model.modules())
+    assert loaded.quantization_label == label
+    down = loaded.model.model.layers[0].mlp.down_proj
+    if label == "8bit-torchao":
+        assert type(down.weight).__name__ == "Int8Tensor"
+        assert down.weight.qdata.dtype == torch.int8  # int8 weights, one scale per row
+    else:
+        import bitsandbytes as bnb
+
+        layer_cls = bnb.nn.Linear8bitLt if quantization == "8bit" else bnb.nn.Linear4bit
+        assert isinstance(down, layer_cls)
     _greedy(loaded, 4)
+
+
+def test_4bit_with_torchao_is_refused_naming_the_field(tmp_path: Path) -> None:
+    with pytest.raises(ValidationError, match="bitsandbytes NF4"):
+        _entry(tmp_path, path="x", quantization="4bit", quantization_backend="torchao")
 
 
 def test_multimodal_folder_has_a_processor(tmp_path: Path) -> None:
@@ -419,6 +454,22 @@ def test_bitsandbytes_missing(
     err, _ = _load_error(tmp_path, serving, cpu_quantization="registry")
     assert err.code == "quantization_unavailable"
     assert "pip install bitsandbytes" in str(err)
+
+
+def test_torchao_missing(
+    tiny_llama_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_find_spec = importlib.util.find_spec
+
+    def find_spec(name: str, package: str | None = None) -> Any:
+        return None if name == "torchao" else real_find_spec(name, package)
+
+    monkeypatch.setattr(importlib.util, "find_spec", find_spec)
+    serving = {"path": str(tiny_llama_dir), "quantization": "8bit"}
+    err, _ = _load_error(tmp_path, serving, cpu_quantization="registry")
+    assert err.code == "quantization_unavailable"
+    assert "pip install torchao" in str(err)
+    assert "'none'" in str(err)  # and the other way out
 
 
 # --- the demo model's GGUF file --------------------------------------------------------------

@@ -18,7 +18,6 @@ from typing import Any
 
 import fakeredis
 import pytest
-import torch
 from PIL import Image
 
 from shared.keys import Keys
@@ -34,9 +33,10 @@ from shared.protocol import (
     TokenEvent,
     decode_event,
 )
-from shared.registry import ModelEntry, Registry
-from worker.engine import Engine
-from worker.loader import LoadedModel, load_model
+from shared.registry import ModelEntry
+from tests.engines import load_tiny, make_engine, one_torch_thread, tiny_entry  # noqa: F401
+from worker.engines.model import ModelEngine
+from worker.loader import LoadedModel
 from worker.runner import JobRunner, RunnerConfig
 
 PROMPT = "Hello! How are you today?"  # runs to the length limit with the tiny model (greedy)
@@ -49,36 +49,26 @@ KEYS = Keys()
 Event = TokenEvent | DoneEvent | ErrorEvent
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
 def entry(tiny_gemma_dir: Path) -> ModelEntry:
-    return ModelEntry.model_validate(
-        {
-            "model_name": "tiny-gemma",
-            "model_alias": "Tiny Gemma",
-            "in_billing": "1000",
-            "out_billing": "2000",
-            "serving": {"path": str(tiny_gemma_dir), "max_new_tokens": 8},
-        }
+    return tiny_entry(
+        tiny_gemma_dir, in_billing="1000", out_billing="2000", serving={"max_new_tokens": 8}
     )
 
 
 @pytest.fixture(scope="module")
 def loaded(entry: ModelEntry, tiny_gemma_dir: Path) -> LoadedModel:
-    registry = Registry(models=[entry], source=tiny_gemma_dir.parent / "models.json")
-    return load_model(entry, registry, device="cpu")
+    return load_tiny(entry, tiny_gemma_dir)
 
 
 @pytest.fixture(scope="module")
-def engine(loaded: LoadedModel) -> Engine:
-    return Engine(loaded, context_length=1024)
+def engine(loaded: LoadedModel) -> Iterator[ModelEngine]:
+    e = make_engine(loaded, 1024)
+    yield e
+    e.close()
 
 
 @pytest.fixture
@@ -135,7 +125,7 @@ def _log(redis: fakeredis.FakeRedis, job_id: str) -> list[tuple[str, Event]]:
 def test_job_streams_tokens_then_done(
     redis: fakeredis.FakeRedis,
     make_runner: Callable[..., JobRunner],
-    engine: Engine,
+    engine: ModelEngine,
     entry: ModelEntry,
 ) -> None:
     job = _job()
@@ -158,14 +148,14 @@ def test_job_streams_tokens_then_done(
 def test_done_usage_and_cost(
     redis: fakeredis.FakeRedis,
     make_runner: Callable[..., JobRunner],
-    engine: Engine,
+    engine: ModelEngine,
     entry: ModelEntry,
 ) -> None:
     job = _job(max_new_tokens=6)
     make_runner(engine, entry).run(job)
     done = _log(redis, job.job_id)[-1][1]
     assert isinstance(done, DoneEvent)
-    prompt_tokens = engine.build_prompt(job.messages, 6).prompt_tokens
+    prompt_tokens = engine.prompter.build(job.messages, 6).prompt_tokens
     usage = done.usage
     assert usage.prompt_tokens == prompt_tokens
     assert usage.completion_tokens == 6  # finish_reason "length"
@@ -178,7 +168,7 @@ def test_done_usage_and_cost(
 def test_live_channel_gets_the_same_events(
     redis: fakeredis.FakeRedis,
     make_runner: Callable[..., JobRunner],
-    engine: Engine,
+    engine: ModelEngine,
     entry: ModelEntry,
 ) -> None:
     job = _job()
@@ -196,7 +186,7 @@ def test_live_channel_gets_the_same_events(
 def test_turn_is_stored_and_lock_released(
     redis: fakeredis.FakeRedis,
     make_runner: Callable[..., JobRunner],
-    engine: Engine,
+    engine: ModelEngine,
     entry: ModelEntry,
 ) -> None:
     ref = ConversationRef(user_id="alice", conversation_id="c1")
@@ -220,7 +210,7 @@ def test_turn_is_stored_and_lock_released(
 def test_lock_of_another_turn_is_kept(
     redis: fakeredis.FakeRedis,
     make_runner: Callable[..., JobRunner],
-    engine: Engine,
+    engine: ModelEngine,
     entry: ModelEntry,
 ) -> None:
     ref = ConversationRef(user_id="alice", conversation_id="c1")
@@ -234,7 +224,7 @@ def test_lock_of_another_turn_is_kept(
 def test_second_run_of_a_job_is_skipped(
     redis: fakeredis.FakeRedis,
     make_runner: Callable[..., JobRunner],
-    engine: Engine,
+    engine: ModelEngine,
     entry: ModelEntry,
 ) -> None:
     ref = ConversationRef(user_id="alice", conversation_id="c1")
@@ -316,7 +306,7 @@ def test_prompt_too_long_is_an_error_event(
     loaded: LoadedModel,
     entry: ModelEntry,
 ) -> None:
-    small = Engine(loaded, context_length=40)
+    small = make_engine(loaded, 40)
     job = _job(text=f"{SECRET} " + "the patient has a cough and a fever " * 20)
     make_runner(small, entry).run(job)
     log = _log(redis, job.job_id)
@@ -363,7 +353,7 @@ def test_image_job_runs_and_its_bytes_are_deleted(
     redis: fakeredis.FakeRedis,
     blobs: fakeredis.FakeRedis,
     make_runner: Callable[..., JobRunner],
-    engine: Engine,
+    engine: ModelEngine,
     entry: ModelEntry,
 ) -> None:
     data = _png()
@@ -372,7 +362,7 @@ def test_image_job_runs_and_its_bytes_are_deleted(
     make_runner(engine, entry).run(job)
     done = _log(redis, job.job_id)[-1][1]
     assert isinstance(done, DoneEvent), done
-    text_only = engine.build_prompt([_job(text="Describe the image.").messages[0]], 4)
+    text_only = engine.prompter.build([_job(text="Describe the image.").messages[0]], 4)
     assert done.usage.prompt_tokens > text_only.prompt_tokens  # the image's tokens are in it
     assert blobs.exists(KEYS.job_image(job.job_id, 0)) == 0
     stored = [

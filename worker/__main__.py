@@ -22,16 +22,14 @@ from shared.logs import configure_logging
 from shared.protocol import WorkerHeartbeat
 from shared.redis_url import credentials_refused, sync_redis
 from shared.registry import RegistryError, load_registry
-from worker.batching import BatchingEngine
 from worker.cancel import CancelWatcher
 from worker.celery_app import create_celery
-from worker.engine import Engine, GenerationEngine
+from worker.engines.base import GenerationEngine
 from worker.heartbeat import Heartbeat
 from worker.lease import LeaseKeeper
-from worker.loader import ModelLoadError, hf_token_from_env, load_model
-from worker.loadtest import LoadTestEngine
 from worker.runner import JobRunner, RunnerConfig
 from worker.settings import WorkerSettings
+from worker.torch_env import prepare_cpu_compile
 
 logger = logging.getLogger("worker")
 
@@ -74,6 +72,16 @@ def main() -> int:
     if refused:
         logger.error("%s", refused)
         return 2
+    # torch is imported from here on, after its process-wide settings (worker/torch_env.py).
+    prepare_cpu_compile(settings.worker_device, settings.worker_compile != "off")
+    from worker.engines.factory import EngineOptions, build_engine
+    from worker.engines.loadtest import LoadTestEngine
+    from worker.loader import ModelLoadError, hf_token_from_env, load_model
+
+    if settings.worker_torch_threads:
+        import torch
+
+        torch.set_num_threads(settings.worker_torch_threads)
     engine: GenerationEngine
     device, quantization = "none", "none"
     if entry.serving.engine == "loadtest":
@@ -95,14 +103,21 @@ def main() -> int:
         except ModelLoadError as exc:
             logger.error("cannot load %s [%s]: %s", entry.model_name, exc.code, exc)
             return 3
-        engine = Engine(loaded, context_length=entry.serving.context_length)
-        if settings.worker_batching == "auto" and settings.worker_concurrency > 1:
-            engine = BatchingEngine(
-                engine,
+        engine = build_engine(
+            loaded,
+            context_length=entry.serving.context_length,
+            options=EngineOptions(
                 concurrency=settings.worker_concurrency,
-                max_batch_tokens=settings.worker_batch_tokens,
-            )
-        device, quantization = loaded.device, loaded.quantization
+                batching=settings.worker_batching,
+                batch_tokens=settings.worker_batch_tokens,
+                compile=settings.worker_compile != "off",
+                cache=settings.worker_cache,
+                cuda_graphs=settings.worker_batch_cuda_graphs,
+            ),
+        )
+        device, quantization = loaded.device, loaded.quantization_label
+    # Compile and capture now: the worker announces itself only once Celery consumes.
+    engine.warmup()
     # Every job thread shares these clients: one connection each at most, plus the cancel
     # listener, heartbeat and lease threads.
     pool = settings.worker_concurrency + 4
@@ -177,24 +192,27 @@ def main() -> int:
     app = create_celery(
         settings.redis_url, runner, shutdown_grace_s=settings.worker_shutdown_grace_s
     )
-    app.worker_main(
-        [
-            "worker",
-            "--queues",
-            entry.queue,
-            "--pool",
-            "threads",
-            "--concurrency",
-            str(settings.worker_concurrency),
-            "--hostname",
-            f"{entry.model_name}@{settings.worker_id}",
-            "--without-gossip",
-            "--without-mingle",
-            "--without-heartbeat",
-            "--loglevel",
-            settings.worker_log_level,
-        ]
-    )
+    try:
+        app.worker_main(
+            [
+                "worker",
+                "--queues",
+                entry.queue,
+                "--pool",
+                "threads",
+                "--concurrency",
+                str(settings.worker_concurrency),
+                "--hostname",
+                f"{entry.model_name}@{settings.worker_id}",
+                "--without-gossip",
+                "--without-mingle",
+                "--without-heartbeat",
+                "--loglevel",
+                settings.worker_log_level,
+            ]
+        )
+    finally:
+        engine.close()  # the batch manager's thread would keep the process alive
     return 0
 
 

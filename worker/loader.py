@@ -20,13 +20,12 @@ GGUF on every load, about 18 s for SmolLM2-135M; the folder reloads in well unde
 folder is written to a temporary name and renamed, under a file lock, so that two workers starting
 at once neither corrupt it nor convert twice.
 
-Quantization: on CUDA the registry's ``8bit`` / ``4bit`` is applied with bitsandbytes (4-bit is
-NF4 with bfloat16 compute and double quantization). On CPU it is applied only when
-``cpu_quantization="registry"``; the default ``"none"`` keeps full precision. Measured by
-``bench/quant_cpu.py`` (``docs/bench/quant_cpu.json``, SmolLM2-135M, 2-core AMD EPYC): 8-bit
-decodes about 20% slower than float32; 4-bit decodes about 1.5x faster, but only through a
-bitsandbytes kernel that needs AVX512-BF16; both take more process memory than float32 (the
-full-precision weights are read first) and change the greedy answer after 4-5 tokens.
+Quantization (:mod:`worker.quantization`): on CUDA the registry's ``8bit`` / ``4bit`` is applied
+as it says (8-bit: torchao int8 weight-only unless ``quantization_backend`` names bitsandbytes;
+4-bit: bitsandbytes NF4). On a CPU it is applied only when ``cpu_quantization="registry"``; the
+default ``"none"`` loads full precision, which measured as fast or faster there
+(``bench/quant_cpu.py``, docs/BENCHMARKS.md). ``dtype: "auto"`` is bfloat16 on a GPU and on a
+CPU with native bfloat16, float32 elsewhere.
 
 Every failure a person can fix is a :class:`ModelLoadError` with a stable ``code`` and a message
 saying what to do. Hub errors are mapped by exception type. The token is never logged.
@@ -63,6 +62,17 @@ from huggingface_hub.errors import (
 )
 
 from shared.registry import ModelEntry, Registry
+from worker.quantization import (
+    FULL_PRECISION,
+    Quantization,
+    QuantizationUnavailable,
+    Quantizer,
+    QuantPlan,
+    check_available,
+    native_bf16_cpu,
+    quantization_config,
+    quiet_imports,
+)
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase, ProcessorMixin
@@ -79,7 +89,6 @@ LoadErrorCode = Literal[
     "bad_checkpoint",
     "device_unavailable",
 ]
-Quantization = Literal["8bit", "4bit", "none"]
 
 #: Files fetched from a hub repo: config, tokenizer, chat template and safetensors weights (no
 #: ``*.bin``/``*.gguf``/``original/`` duplicates of the same weights).
@@ -88,7 +97,6 @@ HUB_ALLOW_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.jinja", "*.txt"]
 DEFAULT_CACHE_ROOT = Path("~/.cache/medgemma-serve")
 GGUF_MARKER = "medgemma_serve_gguf.json"
 _GGUF_LOCK_TIMEOUT_S = 1800.0
-_BNB_CAST_MESSAGE = "MatMul8bitLt: inputs will be cast from %s to float16 during quantization"
 _TRUE = {"1", "ON", "YES", "TRUE"}
 
 _T = TypeVar("_T")
@@ -118,6 +126,12 @@ class LoadedModel:
     quantization: Quantization
     dtype: str
     load_seconds: float
+    quantizer: Quantizer | None = None
+
+    @property
+    def quantization_label(self) -> str:
+        """What the fleet view shows: ``none``, ``8bit-torchao``, ``4bit-bitsandbytes`` ..."""
+        return QuantPlan(self.quantization, self.quantizer).label
 
 
 def hf_token_from_env() -> str | None:
@@ -191,13 +205,17 @@ def load_model(
         )
         quantization = "none"
     dtype = _torch_dtype(serving.dtype, dev)
-    if quantization != "none":
-        _check_bitsandbytes(entry.model_name, quantization)
+    plan = QuantPlan(quantization, serving.quantizer) if quantization != "none" else FULL_PRECISION
+    try:
+        check_available(entry.model_name, plan)
+    except QuantizationUnavailable as exc:
+        raise ModelLoadError("quantization_unavailable", str(exc)) from exc
 
     folder = weights_folder(entry, registry, hf_token=hf_token, cache_dir=cache_dir)
-    model, tokenizer, processor = _load_folder(
-        folder, name=entry.model_name, device=dev, quantization=quantization, dtype=dtype
-    )
+    with quiet_imports():
+        model, tokenizer, processor = _load_folder(
+            folder, name=entry.model_name, device=dev, plan=plan, dtype=dtype
+        )
     seconds = time.perf_counter() - started
     dtype_name = str(dtype).removeprefix("torch.")
     logger.info(
@@ -205,7 +223,7 @@ def load_model(
         entry.model_name,
         type(model).__name__,
         dev,
-        quantization,
+        plan.label,
         dtype_name,
         processor is not None,
         seconds,
@@ -216,6 +234,7 @@ def load_model(
         processor=processor,
         device=dev,
         quantization=quantization,
+        quantizer=plan.quantizer,
         dtype=dtype_name,
         load_seconds=seconds,
     )
@@ -543,69 +562,11 @@ def _convert_gguf(gguf: Path, dest: Path) -> None:
 
 def _torch_dtype(name: str, device: str) -> torch.dtype:
     if name == "auto":
-        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+        native = device.startswith("cuda") or native_bf16_cpu()
+        return torch.bfloat16 if native else torch.float32
     dtype = getattr(torch, name)
     assert isinstance(dtype, torch.dtype)
     return dtype
-
-
-def _check_bitsandbytes(model_name: str, quantization: Quantization) -> None:
-    advice = (
-        "install it with `pip install bitsandbytes` (the worker extra has it), or set "
-        f"serving.quantization to 'none' for {model_name}"
-    )
-    if importlib.util.find_spec("bitsandbytes") is None:
-        raise ModelLoadError(
-            "quantization_unavailable",
-            f"{quantization} quantization needs bitsandbytes, which is not installed: {advice}",
-        )
-    try:
-        import bitsandbytes  # noqa: F401
-    except Exception as exc:
-        raise ModelLoadError(
-            "quantization_unavailable",
-            f"{quantization} quantization needs bitsandbytes, which fails to import "
-            f"({type(exc).__name__}: {_short(exc)}): reinstall it for this torch/CUDA, or set "
-            f"serving.quantization to 'none' for {model_name}",
-        ) from exc
-
-
-def _bnb_config(quantization: Quantization) -> Any:
-    from transformers import BitsAndBytesConfig
-
-    bnb_config: Any = BitsAndBytesConfig  # its __init__ is untyped
-    if quantization == "8bit":
-        return bnb_config(load_in_8bit=True)
-    return bnb_config(
-        load_in_4bit=True,
-        bnb_4bit_quant_type="nf4",
-        bnb_4bit_compute_dtype=torch.bfloat16,
-        bnb_4bit_use_double_quant=True,
-    )
-
-
-class _OnceFilter(logging.Filter):
-    """Let one log template through once per process (bitsandbytes logs one at every step)."""
-
-    def __init__(self, template: str) -> None:
-        super().__init__()
-        self.template = template
-        self.seen = False
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if record.msg != self.template:
-            return True
-        if self.seen:
-            return False
-        self.seen = True
-        return True
-
-
-def _quiet_bnb_cast_warning() -> None:
-    """8-bit on a float32 model logs "inputs will be cast ... to float16" at every forward."""
-    bnb_logger = logging.getLogger("bitsandbytes.autograd._functions")
-    if not any(isinstance(f, _OnceFilter) for f in bnb_logger.filters):
-        bnb_logger.addFilter(_OnceFilter(_BNB_CAST_MESSAGE))
 
 
 def _load_folder(
@@ -613,7 +574,7 @@ def _load_folder(
     *,
     name: str,
     device: str,
-    quantization: Quantization,
+    plan: QuantPlan,
     dtype: torch.dtype,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, ProcessorMixin | None]:
     from transformers import (
@@ -630,7 +591,7 @@ def _load_folder(
         except ModelLoadError:
             raise
         except Exception as exc:
-            raise _load_error(exc, name, folder, step, device, quantization) from exc
+            raise _load_error(exc, name, folder, step, device, plan.quantization) from exc
 
     config = guarded("config", lambda: AutoConfig.from_pretrained(str(folder)))
     multimodal = getattr(config, "vision_config", None) is not None
@@ -645,11 +606,10 @@ def _load_folder(
         model_cls = AutoModelForCausalLM
 
     kwargs: dict[str, Any] = {"dtype": dtype}
-    if quantization != "none":
-        kwargs["quantization_config"] = _bnb_config(quantization)
+    quant_config = quantization_config(plan)
+    if quant_config is not None:
+        kwargs["quantization_config"] = quant_config
         kwargs["device_map"] = {"": device}
-        if quantization == "8bit":
-            _quiet_bnb_cast_warning()
     elif device != "cpu":
         kwargs["device_map"] = {"": device}
     model: Any = guarded("weights", lambda: model_cls.from_pretrained(str(folder), **kwargs))

@@ -32,7 +32,7 @@ from shared.protocol import TERMINAL_TYPES, Job, TokenEvent, Usage, decode_event
 from shared.registry import ModelEntry
 from worker.cancel import CancelWatcher
 from worker.conversation import ConversationWriter
-from worker.engine import (
+from worker.engines.base import (
     GenerationEngine,
     GenerationResult,
     ImagesNotSupported,

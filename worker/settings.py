@@ -23,16 +23,44 @@ class WorkerSettings(CommonSettings):
         default="auto", description="auto picks the first CUDA GPU, else the CPU."
     )
     worker_concurrency: int = Field(
-        default=1,
+        default=8,
         ge=1,
         le=1024,
-        description="Jobs one worker runs at once (Celery threads; with a model, the batch size).",
+        description="Jobs one worker runs at once (Celery threads; with a model, the batch "
+        "size). 1 serves one answer at a time.",
     )
-    worker_batching: Literal["auto", "off"] = Field(
+    worker_batching: Literal["auto", "always", "off"] = Field(
         default="auto",
-        description="auto: with WORKER_CONCURRENCY > 1, text jobs share the model through "
-        "continuous batching (images and seeded requests run one at a time); off: every job "
-        "runs one at a time.",
+        description="auto: with WORKER_CONCURRENCY > 1, a job that finds the worker idle "
+        "decodes alone (compiled, fastest for one stream) and jobs that find it busy share "
+        "the model through continuous batching; always: every text job goes through the "
+        "batch; off: every job decodes alone, one at a time. Images and seeded requests "
+        "always decode alone.",
+    )
+    worker_compile: Literal["auto", "on", "off"] = Field(
+        default="auto",
+        description="Compile the single-stream decoding step (torch.compile; CUDA graphs on "
+        "a GPU). auto = on: 1.5x eager on the 2-core CPU in docs/BENCHMARKS.md, paid for "
+        "with about 45 s of compiling at start there. off: eager decoding, instant start.",
+    )
+    worker_cache: Literal["auto", "static", "dynamic"] = Field(
+        default="auto",
+        description="KV cache of single-stream decoding. auto: static (built once, sized to "
+        "the model's context, the shape CUDA graphs need) on a GPU when compiling; dynamic on "
+        "a CPU, where a static cache measured slower (every step attends over all of it).",
+    )
+    worker_torch_threads: int = Field(
+        default=0,
+        ge=0,
+        le=512,
+        description="torch's CPU threads (0: torch's default, one per core). Lower it when the "
+        "worker shares its cores with a busy process: oversubscribed, CPU decoding slowed "
+        "about 10x on the development machine.",
+    )
+    worker_batch_cuda_graphs: bool = Field(
+        default=True,
+        description="On a GPU, capture the continuous-batching steps as CUDA graphs (padded "
+        "to transformers' interval presets, captured at start).",
     )
     worker_batch_tokens: int = Field(
         default=512,

@@ -22,7 +22,7 @@ Decisions worth knowing:
   the model on the meta device (exact; tied embeddings counted once).
 * The smoke test loads the model with :func:`worker.loader.load_model` (as a worker does) with
   ``HF_HUB_OFFLINE=1``, so it uses only weights already on this machine and never waits on a
-  network, then generates one short greedy answer with :class:`worker.engine.Engine`.
+  network, then generates one short greedy answer with the worker's engine (:mod:`worker.engines`).
 """
 
 from __future__ import annotations
@@ -1131,7 +1131,7 @@ def _smoke(
     import torch
 
     from shared.protocol import ChatMessage, SamplingParams, TextPart
-    from worker.engine import Engine
+    from worker.engines.factory import EngineOptions, build_engine
 
     if dev.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats(torch.device(dev))
@@ -1160,8 +1160,15 @@ def _smoke(
         )
     messages.append(ChatMessage(role="user", content=[TextPart(text=SMOKE_PROMPT)]))
     sampling = SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens)
+    engine = None
     try:
-        engine = Engine(loaded, context_length=entry.serving.context_length)
+        # Eager decoding: this check is about the weights and the device, not about speed,
+        # and compiling would take longer than the answer.
+        engine = build_engine(
+            loaded,
+            context_length=entry.serving.context_length,
+            options=EngineOptions(concurrency=1, compile=False),
+        )
         # The first generation pays one-time CUDA/kernel set-up: keep it out of the rate.
         started = time.perf_counter()
         engine.generate(
@@ -1176,7 +1183,9 @@ def _smoke(
         return
     finally:
         peak = torch.cuda.max_memory_allocated(torch.device(dev)) if dev.startswith("cuda") else 0
-        del loaded
+        if engine is not None:
+            engine.close()
+        del loaded, engine
         gc.collect()
         if dev.startswith("cuda"):
             torch.cuda.empty_cache()

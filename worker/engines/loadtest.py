@@ -15,7 +15,7 @@ from collections.abc import Callable, Mapping, Sequence
 from PIL import Image
 
 from shared.protocol import ChatMessage, SamplingParams
-from worker.engine import GenerationResult
+from worker.engines.base import GenerationResult
 
 
 class LoadTestEngine:
@@ -58,4 +58,11 @@ class LoadTestEngine:
             completion_tokens=len("".join(parts).split()),
             text="".join(parts),
             first_token_s=self.first_token_s,
+            path="loadtest",
         )
+
+    def warmup(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass

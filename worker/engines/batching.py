@@ -1,0 +1,259 @@
+"""The batch decoder: continuous batching, many requests through one model instance at once.
+
+Built on transformers' ``ContinuousBatchingManager`` (paged KV cache, requests join and leave
+between decoding steps; the manager runs its own generation thread). One dispatcher thread
+takes every result from the manager's shared output queue and routes it by request id to the
+request's own queue (the manager's per-request iterator would spin over the others' results).
+
+* **Sampling** is per request (``per_request_processors``): the manager is built with
+  temperature / top-p / top-k processors and each request overrides them; greedy is
+  ``top_k=1``. A seed cannot be honoured (the sampler is shared), so seeded requests never
+  come here.
+* **Token ids only**: the manager takes ``input_ids``, so prompts with images decode on the
+  single-stream path (Gemma 3's vision tower needs pixel values; see docs/BENCHMARKS.md).
+* **Cache**: ``num_blocks`` holds every slot's full context (``concurrency x context_length``
+  tokens in pages of 256) and ``max_batch_tokens`` bounds one forward pass (longer prompts are
+  prefilled in chunks).
+* **CUDA graphs** (on a GPU): transformers turns them on only when no attention mask is needed,
+  and ``paged|sdpa`` needs one, so they are asked for explicitly (``use_cuda_graph``), with
+  transformers' padding presets, and captured by :meth:`BatchDecoder.warmup` before the worker
+  announces itself.
+* **Cancel**: ``cancel_request`` frees the request's pages between steps; the manager sends
+  nothing more for it, so the stream ends on our side.
+* **On a CPU the manager's thread lives only while the batch has work** (``restartable``): it is
+  stopped (cache and pages kept) shortly after the last request leaves and started again with
+  the next. A live thread that has run torch keeps its OpenMP team, and with more OpenMP threads
+  than cores GNU OpenMP stops spinning between parallel regions: measured here, an idle second
+  torch thread made the other one's matmuls 1.35x slower, until it exited. The single-stream
+  decoder does the same (see :mod:`worker.engines.single`).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+import queue
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from transformers import GenerationConfig
+from transformers.generation.configuration_utils import ContinuousBatchingConfig
+
+from shared.protocol import SamplingParams
+from worker.engines.prompt import Prompter
+from worker.loader import LoadedModel
+
+logger = logging.getLogger(__name__)
+
+PAGE_TOKENS = 256  # the manager's default page size
+RESULT_TIMEOUT_S = 120.0  # no token for this long: the manager is wedged
+IDLE_STOP_S = 1.0  # a restartable manager stops this long after its last request left
+
+
+class BatchUnavailable(RuntimeError):
+    """The batch manager refused or lost a request."""
+
+
+class BatchStream:
+    """The token ids of one request in the batch, as they come."""
+
+    def __init__(self, decoder: BatchDecoder, rid: str, results: queue.Queue[Any]) -> None:
+        self._decoder = decoder
+        self.rid = rid
+        self._results = results
+        self._stopped = False
+        self.generated: list[int] = []
+
+    def stop(self) -> None:
+        """Leave the batch after the current step; nothing more comes."""
+        if not self._stopped:
+            self._stopped = True
+            self._decoder._cancel(self.rid)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        try:
+            while not self._stopped:
+                try:
+                    out = self._results.get(timeout=RESULT_TIMEOUT_S)
+                except queue.Empty:
+                    raise BatchUnavailable("continuous batching produced nothing in time") from None
+                if out.error:
+                    raise BatchUnavailable("continuous batching failed this request")
+                tokens = list(out.generated_tokens)  # streaming: everything so far
+                new = tokens[len(self.generated) :]
+                if new:
+                    self.generated.extend(new)
+                    yield new
+                if out.is_finished():
+                    return
+        finally:
+            self._decoder._forget(self.rid)
+
+
+class BatchDecoder:
+    """Owns the continuous-batching manager and its dispatcher thread."""
+
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        prompter: Prompter,
+        *,
+        concurrency: int,
+        max_batch_tokens: int,
+        context_length: int,
+        cuda_graphs: bool,
+        restartable: bool | None = None,
+    ) -> None:
+        self._prompter = prompter
+        model: Any = loaded.model
+        self._model = model
+        self.restartable = (
+            not loaded.device.startswith("cuda") if restartable is None else restartable
+        )
+        config = GenerationConfig(  # type: ignore[no-untyped-call]
+            max_new_tokens=256,
+            do_sample=True,
+            temperature=0.7,
+            top_p=0.95,
+            top_k=64,
+            eos_token_id=prompter.eos_token_ids,
+            pad_token_id=prompter.pad_token_id,
+        )
+        blocks = math.ceil(concurrency * context_length / PAGE_TOKENS) + concurrency
+        self.cuda_graphs = cuda_graphs and loaded.device.startswith("cuda")
+        cb_config = ContinuousBatchingConfig(
+            num_blocks=blocks,
+            max_batch_tokens=max_batch_tokens,
+            per_request_processors=True,
+            use_cuda_graph=True if self.cuda_graphs else None,
+        )
+        with torch.inference_mode():
+            self._manager = model.init_continuous_batching(
+                generation_config=config, continuous_batching_config=cb_config
+            )
+        self._routes: dict[str, queue.Queue[Any]] = {}
+        self._lock = threading.Lock()
+        self._life = threading.Lock()  # starting/stopping the manager vs adding requests
+        self._started_once = False
+        self._closed = False
+        self._restarted = threading.Event()
+        self._stop = threading.Event()
+        self._ids = itertools.count(1)
+        self._dispatcher: threading.Thread | None = None
+        self.concurrency = concurrency
+        logger.info(
+            "continuous batching on: %d slots, %d cache pages, %d tokens per step, CUDA graphs %s",
+            concurrency,
+            blocks,
+            max_batch_tokens,
+            "on" if self.cuda_graphs else "off",
+        )
+
+    def start_manager(self) -> None:
+        """Capture CUDA graphs, start the manager's generation thread and the dispatcher."""
+        if self.cuda_graphs:
+            with torch.inference_mode():
+                self._manager.warmup()
+        with self._life:
+            self._ensure_running()
+        self._dispatcher = threading.Thread(target=self._dispatch, name="cb-dispatch", daemon=True)
+        self._dispatcher.start()
+
+    def _ensure_running(self) -> None:
+        """Start the manager's thread if it is not running (holding ``_life``)."""
+        if self._manager.is_running():
+            return
+        if self._started_once:  # stopping gave the model back its own attention
+            config = self._manager.continuous_batching_config
+            self._manager.switch_to_cb_friendly_attn(self._model, config.auto_switch_to_flash)
+        with torch.inference_mode():  # the thread keeps its caller's inference mode
+            self._manager.start()
+        self._started_once = True
+        self._restarted.set()
+
+    def stop_when_idle(self, delay_s: float = IDLE_STOP_S) -> None:
+        """A restartable manager stops ``delay_s`` from now if no request is in flight then."""
+        if self.restartable and not self._closed:
+            timer = threading.Timer(delay_s, self._stop_if_idle)
+            timer.daemon = True
+            timer.start()
+
+    def _stop_if_idle(self) -> None:
+        with self._life:
+            with self._lock:
+                idle = not self._routes
+            if idle and not self._closed and self._manager.is_running():
+                self._manager.stop(block=True, keep_for_next_session=True)
+
+    def _dispatch(self) -> None:
+        while not self._stop.is_set():
+            out = self._manager.get_result(timeout=0.2)
+            if out is None:
+                if not self._manager.is_running():
+                    # A stopped manager answers at once, without waiting: sleep until a
+                    # restart instead of spinning (a spinning thread starves the other
+                    # decoder of the GIL).
+                    self._restarted.wait(0.2)
+                    self._restarted.clear()
+                continue
+            with self._lock:
+                route = self._routes.get(out.request_id)
+            if route is not None:
+                route.put(out)
+
+    def start(self, ids: list[int], max_new_tokens: int, sampling: SamplingParams) -> BatchStream:
+        """Add one request (its prompt's ids) to the batch."""
+        if sampling.temperature > 0:
+            knobs: dict[str, Any] = {"temperature": sampling.temperature, "top_p": sampling.top_p}
+        else:
+            knobs = {"top_k": 1}  # greedy
+        rid = f"r{next(self._ids)}"
+        results: queue.Queue[Any] = queue.Queue()
+        with self._life:
+            with self._lock:
+                self._routes[rid] = results
+            self._ensure_running()
+            added = self._manager.add_request(
+                ids,
+                request_id=rid,
+                max_new_tokens=max_new_tokens,
+                streaming=True,
+                eos_token_id=self._prompter.eos_token_ids,
+                **knobs,
+            )
+        if added is None:
+            self._forget(rid)
+            raise BatchUnavailable("the continuous-batching manager is not taking requests")
+        return BatchStream(self, rid, results)
+
+    def _cancel(self, rid: str) -> None:
+        self._manager.cancel_request(rid)
+
+    def _forget(self, rid: str) -> None:
+        with self._lock:
+            self._routes.pop(rid, None)
+            idle = not self._routes
+        if idle:
+            self.stop_when_idle()
+
+    def warmup(self, ids: list[int]) -> None:
+        """One short request through the batch: the first allocates the cache."""
+        stream = self.start(ids, 4, SamplingParams(temperature=0.0, max_new_tokens=4))
+        for _ids in stream:
+            pass
+
+    def alive(self) -> bool:
+        """Whether the dispatcher runs, and the manager's thread too unless it is restartable
+        (then it may be stopped between batches on purpose)."""
+        dispatching = self._dispatcher is not None and self._dispatcher.is_alive()
+        return dispatching and (self.restartable or bool(self._manager.is_running()))
+
+    def close(self) -> None:
+        self._stop.set()
+        with self._life:
+            self._closed = True
+            if self._manager.is_running():
+                self._manager.stop(block=True, timeout=10)

@@ -1,0 +1,221 @@
+"""The model engine: one generation from chat to result, decoded on the path that is fastest at
+the current load.
+
+The sequence is the same for every job: continuation (a handed-over answer) → prompt (chat
+template, trimming) → answer budget → decode (token ids) → text deltas (detokenize, stop
+strings) → finish reason → result. Only the decoding differs:
+
+* **single** (:mod:`worker.engines.single`): ``generate`` alone on the device, compiled (CUDA
+  graphs on a GPU). Fastest for one stream: on the CPU the batch decodes one stream at about
+  0.8x the speed of ``generate`` (docs/BENCHMARKS.md).
+* **batch** (:mod:`worker.engines.batching`): continuous batching, for several streams at once.
+
+The choice, per job when it starts: a job that finds the worker idle decodes alone; a job that
+finds another one decoding joins the batch, and a text job that was decoding alone **moves into
+the batch** with it (its stopping criterion ends ``generate`` after the current step; the batch
+continues from the prompt plus the ids generated so far, so the answer goes on as one stream).
+So text jobs never decode on both paths at once. Jobs the batch cannot take (images; a seed,
+which needs its own sampler) always decode alone: they queue on the inference thread, and text
+jobs that arrive meanwhile decode in the batch beside them, the two taking turns on the model
+step by step (:mod:`worker.engines.turns`: transformers cannot run two forward passes of one
+model at once). Beside the batch a seed is best effort, as in OpenAI's API: both paths sample
+from torch's one global generator.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+
+from PIL import Image
+
+from shared.protocol import ChatMessage, SamplingParams
+from worker.engines.base import DecodePath, FinishReason, GenerationResult
+from worker.engines.batching import BatchDecoder, BatchStream
+from worker.engines.detokenize import DeltaStreamer
+from worker.engines.prompt import Prompt, Prompter
+from worker.engines.single import SingleDecoder, SingleStream
+
+logger = logging.getLogger(__name__)
+
+WARMUP_TEXT = "Hello! Please say a few words."
+
+
+class ModelEngine:
+    """Generates answers with one loaded model: alone, or in the batch when it is busy."""
+
+    def __init__(
+        self,
+        prompter: Prompter,
+        single: SingleDecoder,
+        batch: BatchDecoder | None = None,
+        *,
+        always_batch: bool = False,
+    ) -> None:
+        self.prompter = prompter
+        self.single = single
+        self.batch = batch
+        self._always_batch = always_batch and batch is not None
+        self._lock = threading.Lock()
+        self._alone: SingleStream | None = None  # the text job decoding alone, if any
+        self._batched = 0  # jobs in (or on their way into) the batch
+
+    @property
+    def multimodal(self) -> bool:
+        return self.prompter.multimodal
+
+    def warmup(self) -> None:
+        """Compile and capture before the first job: the worker announces itself only after."""
+        from shared.protocol import TextPart
+
+        chat = [ChatMessage(role="user", content=[TextPart(text=WARMUP_TEXT)])]
+        prompt = self.prompter.build(chat, 8)
+        seconds = self.single.warmup(prompt.inputs)
+        logger.info("warm-up: single-stream decoding ready in %.1f s", seconds)
+        if self.batch is not None:
+            started = time.perf_counter()
+            self.batch.start_manager()
+            self.batch.warmup(prompt.ids)
+            logger.info("warm-up: batch ready in %.1f s", time.perf_counter() - started)
+
+    def close(self) -> None:
+        if self.batch is not None:
+            self.batch.close()
+        self.single.close()
+
+    def generate(
+        self,
+        messages: Sequence[ChatMessage],
+        sampling: SamplingParams,
+        *,
+        on_text: Callable[[str], None],
+        should_stop: Callable[[], bool] = lambda: False,
+        images: Mapping[str, Image.Image] | None = None,
+        continue_text: str = "",
+    ) -> GenerationResult:
+        """Run one generation; ``on_text`` gets each text delta as soon as it is printable.
+
+        ``images`` maps the key of each image part in ``messages`` to its image.
+        ``continue_text`` is an answer already sent by a worker that was lost: it is
+        prefilled as the start of the answer and generation goes on from it."""
+        messages, sampling, done_tokens = self.prompter.continuation(
+            messages, sampling, continue_text
+        )
+        prompt = self.prompter.build(messages, sampling.max_new_tokens, images)
+        budget = self.prompter.budget(prompt, sampling.max_new_tokens)
+        text = DeltaStreamer(self.prompter.tokenizer, on_text, tuple(sampling.stop))
+        batchable = self.batch is not None and not images and sampling.seed is None
+        batchable = batchable and "pixel_values" not in prompt.inputs
+        started = time.perf_counter()
+
+        def consume(stream: SingleStream | BatchStream) -> list[int]:
+            """Push the stream's ids to the text until it ends or must stop; returns the ids
+            taken (a stopped stream's last in-flight ids are drained, not counted)."""
+            taken: list[int] = []
+            it = iter(stream)
+            for ids in it:
+                taken.extend(ids)
+                text.push(ids)
+                if text.stopped_by_string or should_stop():
+                    stream.stop()
+                    for _late in it:
+                        pass
+                    break
+            return taken
+
+        generated, path = self._decode(prompt, budget, sampling, batchable, should_stop, consume)
+        text.end()
+        reason: FinishReason
+        if text.stopped_by_string or (generated and generated[-1] in self.prompter.eos_token_ids):
+            reason = "stop"
+        elif len(generated) < budget and should_stop():
+            reason = "cancelled"
+        else:
+            reason = "length"
+        first = None if text.first_token_at is None else text.first_token_at - started
+        return GenerationResult(
+            finish_reason=reason,
+            prompt_tokens=prompt.prompt_tokens - done_tokens,
+            completion_tokens=len(generated) + done_tokens,
+            text=continue_text + text.text,
+            first_token_s=first,
+            trimmed_messages=prompt.trimmed,
+            path=path,
+        )
+
+    def _decode(
+        self,
+        prompt: Prompt,
+        budget: int,
+        sampling: SamplingParams,
+        batchable: bool,
+        should_stop: Callable[[], bool],
+        consume: Callable[[SingleStream | BatchStream], list[int]],
+    ) -> tuple[list[int], DecodePath]:
+        """Decode on the path the load calls for; returns the generated ids and the path."""
+        with self._lock:
+            if self._alone is not None:
+                self._alone.preempt()  # whoever came first moves into the batch
+            join_batch = batchable and (
+                self._always_batch or self._alone is not None or self._batched > 0
+            )
+            if join_batch:
+                self._batched += 1
+                self.single.retire_when_idle()
+            else:
+                alone = self.single.start(
+                    prompt.inputs,
+                    budget,
+                    sampling,
+                    should_stop=should_stop,
+                    preemptible=batchable,
+                )
+                if batchable:
+                    self._alone = alone
+                if self.batch is not None and self._batched == 0:
+                    self.batch.stop_when_idle(delay_s=0.0)  # the batch's thread leaves now
+        if join_batch:
+            return self._in_batch(prompt.ids, budget, sampling, consume, []), "batch"
+        try:
+            taken = consume(alone)
+        except BaseException:
+            with self._lock:
+                if self._alone is alone:
+                    self._alone = None
+            raise
+        with self._lock:
+            if self._alone is alone:
+                self._alone = None
+            moving = alone.preempted and self._still_going(taken, budget)
+            if moving:
+                self._batched += 1
+            if self._batched:
+                self.single.retire_when_idle()
+        if not moving:
+            return taken, "single"
+        logger.debug("a job moves into the batch after %d tokens", len(taken))
+        generated = self._in_batch([*prompt.ids, *taken], budget, sampling, consume, taken)
+        return generated, "single+batch"
+
+    def _still_going(self, generated: Sequence[int], budget: int) -> bool:
+        ended = bool(generated) and generated[-1] in self.prompter.eos_token_ids
+        return not ended and len(generated) < budget
+
+    def _in_batch(
+        self,
+        ids: list[int],
+        budget: int,
+        sampling: SamplingParams,
+        consume: Callable[[SingleStream | BatchStream], list[int]],
+        before: Sequence[int],
+    ) -> list[int]:
+        """Decode in the batch (``_batched`` was counted for this job by the caller)."""
+        assert self.batch is not None
+        try:
+            stream = self.batch.start(ids, budget - len(before), sampling)
+            return [*before, *consume(stream)]
+        finally:
+            with self._lock:
+                self._batched -= 1
