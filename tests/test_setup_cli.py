@@ -468,7 +468,11 @@ def test_check_tiny_model_on_cpu_with_smoke(
         p.numel() for p in AutoModelForImageTextToText.from_pretrained(tiny_gemma_dir).parameters()
     )
     estimate = _line(out, "OK", "memory estimate")
-    assert f"{exact:,} parameters x 4 bytes (float32)" in estimate
+    # dtype "auto": bfloat16 on a CPU with native bf16, else float32 (worker/loader.py)
+    from worker.quantization import native_bf16_cpu
+
+    size = "2 bytes (bfloat16)" if native_bf16_cpu() else "4 bytes (float32)"
+    assert f"{exact:,} parameters x {size}" in estimate
     assert "needs about" in _line(out, "OK", "ram")
     assert "on cpu" in _line(out, "OK", "load")
     smoke = _line(out, "OK", "smoke")
