@@ -1234,14 +1234,20 @@ def transformers_serve_phase(
     from worker.loader import weights_folder
 
     folder = weights_folder(entry, registry)
-    batching = args.worker_concurrency > 1
+    batching = args.hf_continuous_batching == "on" or (
+        args.hf_continuous_batching == "auto" and args.worker_concurrency > 1
+    )
     port = free_port()
     print(
         f"transformers serve: {folder.name}, continuous batching {batching}, port {port} ...",
         flush=True,
     )
     proc = start_transformers_serve(
-        folder, port, workdir / "transformers-serve.log", continuous_batching=batching
+        folder,
+        port,
+        workdir / "transformers-serve.log",
+        continuous_batching=batching,
+        dtype=args.hf_dtype,
     )
     try:
         wait_transformers_serve(port, args.ready_timeout, proc)
@@ -1258,6 +1264,7 @@ def transformers_serve_phase(
     return {
         "command": proc.popen.args,
         "continuous_batching": batching,
+        "dtype": args.hf_dtype,
         "cpu": cpu,
         "summary": summarize(results, duration),
         "warmup": [asdict(r) for r in warm],
@@ -1346,6 +1353,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         metavar="MODEL_DIR_OR_DEMO",
         help="after the stack, run the same load on `transformers serve` pinned to this model "
         "(continuous batching when --worker-concurrency > 1); needs --api openai",
+    )
+    p.add_argument(
+        "--hf-continuous-batching",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="transformers serve's --continuous-batching: auto = when --worker-concurrency > 1",
+    )
+    p.add_argument(
+        "--hf-dtype", default="float32", help="transformers serve's --dtype (auto, bfloat16 ...)"
     )
     p.add_argument(
         "--lean-client",

@@ -44,6 +44,7 @@ from transformers.generation.configuration_utils import ContinuousBatchingConfig
 
 from shared.protocol import SamplingParams
 from worker.engines.prompt import Prompter
+from worker.engines.warpers import use_fast_warpers
 from worker.loader import LoadedModel
 
 logger = logging.getLogger(__name__)
@@ -134,6 +135,8 @@ class BatchDecoder:
             self._manager = model.init_continuous_batching(
                 generation_config=config, continuous_batching_config=cb_config
             )
+        if not loaded.device.startswith("cuda"):
+            use_fast_warpers(self._manager)  # same scores, no full sorts (warpers.py)
         self._routes: dict[str, queue.Queue[Any]] = {}
         self._lock = threading.Lock()
         self._life = threading.Lock()  # starting/stopping the manager vs adding requests
@@ -209,7 +212,7 @@ class BatchDecoder:
         if sampling.temperature > 0:
             knobs: dict[str, Any] = {"temperature": sampling.temperature, "top_p": sampling.top_p}
         else:
-            knobs = {"top_k": 1}  # greedy
+            knobs = {"top_k": 1, "top_p": 1.0}  # greedy (top_p 1: nothing to trim)
         rid = f"r{next(self._ids)}"
         results: queue.Queue[Any] = queue.Queue()
         with self._life:
