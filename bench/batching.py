@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--compile", choices=["on", "off"], default="on")
     p.add_argument("--batching", choices=["auto", "always"], default="auto")
-    p.add_argument("--batch-tokens", type=int, default=512)
+    p.add_argument("--batch-tokens", type=int, default=None, help="default: the worker's")
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
 

@@ -62,11 +62,13 @@ class WorkerSettings(CommonSettings):
         description="On a GPU, capture the continuous-batching steps as CUDA graphs (padded "
         "to transformers' interval presets, captured at start).",
     )
-    worker_batch_tokens: int = Field(
-        default=512,
+    worker_batch_tokens: int | None = Field(
+        default=None,
         ge=16,
         description="Continuous batching: most tokens (prompt chunks + one per running "
-        "answer) in one forward pass; longer prompts are prefilled in several steps.",
+        "answer) in one forward pass; longer prompts are prefilled in several steps. "
+        "Default: 512 on a GPU, 128 on a CPU (same tokens/s as 512 there, time to first "
+        "token 193 vs 276 ms at 8 streams; docs/BENCHMARKS.md).",
     )
     worker_cpu_quantization: Literal["none", "registry"] = Field(
         default="none",

@@ -12,6 +12,15 @@ from worker.engines.single import SingleDecoder
 from worker.engines.turns import Turns
 from worker.loader import LoadedModel
 
+#: Tokens per continuous-batching step unless WORKER_BATCH_TOKENS says otherwise. On the CPU a
+#: smaller step gave the same tokens/s and a shorter wait for new requests' first token.
+GPU_BATCH_TOKENS = 512
+CPU_BATCH_TOKENS = 128
+
+
+def default_batch_tokens(device: str) -> int:
+    return GPU_BATCH_TOKENS if device.startswith("cuda") else CPU_BATCH_TOKENS
+
 
 @dataclass(frozen=True)
 class EngineOptions:
@@ -19,7 +28,7 @@ class EngineOptions:
 
     concurrency: int = 1
     batching: Literal["auto", "always", "off"] = "auto"
-    batch_tokens: int = 512
+    batch_tokens: int | None = None  # None: GPU_BATCH_TOKENS or CPU_BATCH_TOKENS
     compile: bool = True
     cache: Literal["auto", "static", "dynamic"] = "auto"
     cuda_graphs: bool = True
@@ -50,7 +59,7 @@ def build_engine(
             loaded,
             prompter,
             concurrency=options.concurrency,
-            max_batch_tokens=options.batch_tokens,
+            max_batch_tokens=options.batch_tokens or default_batch_tokens(loaded.device),
             context_length=context_length,
             cuda_graphs=options.cuda_graphs,
         )
