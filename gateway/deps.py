@@ -15,6 +15,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from gateway.auditing import AuditInfo, audit_info
 from gateway.auth import Principal
 from gateway.errors import APIError
+from gateway.ratelimit import Slot
 from gateway.state import AppState
 from shared.errors import ErrorCode
 from shared.registry import ModelEntry
@@ -59,15 +60,17 @@ async def get_audit(request: Request) -> AuditInfo:
 AuditDep = Annotated[AuditInfo, Depends(get_audit)]
 
 
-async def rate_limited(
+def admission(
     state: AppState, principal: Principal, *, stream: bool
-) -> contextlib.AbstractAsyncContextManager[None]:
-    """Count one chat request; for a stream, also a slot held until the stream ends.
+) -> contextlib.AbstractAsyncContextManager[Slot]:
+    """``async with admission(...) as slot``: count one chat request and, for a stream, hold a
+    slot for the block; a request that is refused inside the block gives it back. Hand it to
+    the stream that outlives the handler with ``slot.hand_over()``.
 
     Counted in Redis, so the limits hold across gateway processes. Over a limit: 429 with a
     Retry-After computed from the window."""
     # One round trip for both limits; RateLimited becomes a 429 (gateway/errors.py).
-    return await state.limiter.admit(principal.user_id, stream=stream)
+    return state.limiter.admitted(principal.user_id, stream=stream)
 
 
 def visible_model(state: AppState, principal: Principal, name: str) -> ModelEntry:

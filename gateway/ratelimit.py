@@ -8,9 +8,12 @@ Two limits per user id (0 disables either):
   the last slot. A refused request is not counted (hammering does not prolong the wait), and
   its ``retry_after_s`` is when the oldest request that must leave the window does so.
 * concurrent streams: ``{prefix}:rl:{owner}:streams`` is a sorted set of slot tokens scored by
-  their expiry (start + ``stream_ttl_s``). A slot is released when the block of the context that
-  ``admit()`` returns ends, also on an exception or a cancellation (the release is shielded from
-  anyio's level-triggered cancellation, which would otherwise cancel it too). A gateway that
+  their expiry (start + ``stream_ttl_s``). A request holds its slot in one scope,
+  ``async with limiter.admitted(...) as slot``: the slot is given back when that block ends —
+  an early return, a refused body, an exception or a cancellation included — unless the block
+  handed it to the stream that now owns it (:meth:`Slot.hand_over`), which gives it back when the
+  stream ends. The release is shielded from anyio's level-triggered cancellation, which would
+  otherwise cancel it too. A gateway that
   dies mid-stream cannot leak a slot forever: the script prunes expired tokens. ``stream_ttl_s``
   must therefore bound one stream (queue wait plus generation); a longer stream stops counting
   once it expires. A stream ends when its generation does, which no one can predict, so its
@@ -94,6 +97,45 @@ class RateLimited(Exception):
         self.message = message
 
 
+class Slot:
+    """What one admission took: nothing, or a stream slot. Released once, by its last owner."""
+
+    def __init__(self, redis: Redis | None = None, key: str = "", token: str = "") -> None:
+        self._redis, self._key, self._token = redis, key, token
+        self._released = redis is None
+        self.handed_over = False
+
+    def hand_over(self) -> contextlib.AbstractAsyncContextManager[None]:
+        """Pass the slot to a longer-lived owner (the stream): the admission scope no longer
+        releases it; the returned context does, when its block ends."""
+        self.handed_over = True
+        return self._held()
+
+    @contextlib.asynccontextmanager
+    async def _held(self) -> AsyncIterator[None]:
+        try:
+            yield
+        finally:
+            await self.release()
+
+    async def release(self) -> None:
+        if self._released or self._redis is None:
+            return
+        self._released = True
+        with anyio.move_on_after(RELEASE_TIMEOUT_S, shield=True):
+            try:
+                await self._redis.zrem(self._key, self._token)
+            except (RedisError, OSError) as exc:
+                # The slot expires after stream_ttl_s anyway.
+                logger.warning("could not release a stream slot: %s", type(exc).__name__)
+
+    async def __aenter__(self) -> None:
+        return None
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.release()
+
+
 class RateLimiter:
     def __init__(
         self,
@@ -118,15 +160,13 @@ class RateLimiter:
     def _key(self, user_id: str, kind: str) -> str:
         return f"{self._prefix}:rl:{owner_tag(user_id)}:{kind}"
 
-    async def admit(
-        self, user_id: str, *, stream: bool
-    ) -> contextlib.AbstractAsyncContextManager[None]:
+    async def admit(self, user_id: str, *, stream: bool) -> Slot:
         """Count one request of ``user_id`` and, for a stream, take one of their stream slots,
         in one round trip. RateLimited if either limit is reached (then nothing is taken).
-        Returns a context manager that holds the slot until its block ends."""
+        The caller owns the returned slot: prefer :meth:`admitted`, which cannot leak it."""
         rpm, streams = self._rpm, self._streams if stream else 0
         if not rpm and not streams:
-            return contextlib.nullcontext()
+            return Slot()
         now = self._clock()
         token = secrets.token_hex(12)
         status, frees_at = await self._take(
@@ -157,17 +197,16 @@ class RateLimiter:
                 "one of your streams ends.",
             )
         if not streams:
-            return contextlib.nullcontext()
-        return self._holding(self._key(user_id, "streams"), token)
+            return Slot()
+        return Slot(self._redis, self._key(user_id, "streams"), token)
 
     @contextlib.asynccontextmanager
-    async def _holding(self, key: str, token: str) -> AsyncIterator[None]:
+    async def admitted(self, user_id: str, *, stream: bool) -> AsyncIterator[Slot]:
+        """:meth:`admit` as one scope: the slot is given back when the block ends, however it
+        ends, unless it was handed over (:meth:`Slot.hand_over`)."""
+        slot = await self.admit(user_id, stream=stream)
         try:
-            yield
+            yield slot
         finally:
-            with anyio.move_on_after(RELEASE_TIMEOUT_S, shield=True):
-                try:
-                    await self._redis.zrem(key, token)
-                except (RedisError, OSError) as exc:
-                    # The slot expires after stream_ttl_s anyway.
-                    logger.warning("could not release a stream slot: %s", type(exc).__name__)
+            if not slot.handed_over:
+                await slot.release()

@@ -29,7 +29,7 @@ from sse_starlette import EventSourceResponse, ServerSentEvent
 from gateway.auditing import AuditInfo
 from gateway.auth import Principal
 from gateway.chat import Part, PendingMessage, new_id
-from gateway.deps import rate_limited
+from gateway.deps import admission
 from gateway.errors import APIError, error_response
 from gateway.images import parse_image_url
 from gateway.jobs import StreamEvent, status_for
@@ -176,57 +176,59 @@ async def serve(
     audit: AuditInfo,
 ) -> EventSourceResponse | JSONResponse:
     check_request(req, entry)
-    hold = await rate_limited(state, principal, stream=req.stream)
-    sampling, hint = sampling_for(req, entry)
-    limits = state.settings.image_limits
-    parts: list[Part] = []
-    for i, part in enumerate(req.user_message):
-        if isinstance(part, ImagePart):
-            if not entry.capabilities.image:
-                raise _refuse(
-                    ErrorCode.UNSUPPORTED_CAPABILITY,
-                    f"user_message.{i}",
-                    f"Model {entry.model_name!r} does not read images; send text only.",
+    async with admission(state, principal, stream=req.stream) as slot:
+        sampling, hint = sampling_for(req, entry)
+        limits = state.settings.image_limits
+        parts: list[Part] = []
+        for i, part in enumerate(req.user_message):
+            if isinstance(part, ImagePart):
+                if not entry.capabilities.image:
+                    raise _refuse(
+                        ErrorCode.UNSUPPORTED_CAPABILITY,
+                        f"user_message.{i}",
+                        f"Model {entry.model_name!r} does not read images; send text only.",
+                    )
+                parts.append(
+                    await parse_image_url(part.data_url, limits, f"user_message.{i}.data_url")
                 )
-            parts.append(await parse_image_url(part.data_url, limits, f"user_message.{i}.data_url"))
-        else:
-            parts.append(part.text)
-    new = PendingMessage(role="user", parts=parts)
-    cid = req.conversation_id or new_id("c-")
-    opened = await JobStream.start_turn(
-        state.chat,
-        hold=hold,
-        audit=audit,
-        observer=state.metrics.stream(entry.model_name, audit.started),
-        principal=principal,
-        entry=entry,
-        new=new,
-        system=_system(req, entry, hint),
-        sampling=sampling,
-        conversation_id=cid,
-        api="medgemma",
-    )
-    headers = {"X-Job-Id": opened.job_id, "X-Conversation-Id": cid}
-    if req.stream:
-        failed = await opened.early_error(state.settings.gateway_first_event_wait_s)
-        if failed is not None:
-            return error_response(status_for(failed.error.code), failed.error, headers)
-        return opened.sse(
-            lambda event: [seed_frame(event, entry.model_name, cid)],
-            farewell=seed_farewell,
-            headers=headers,
-            ping_s=state.settings.gateway_ping_s,
+            else:
+                parts.append(part.text)
+        new = PendingMessage(role="user", parts=parts)
+        cid = req.conversation_id or new_id("c-")
+        opened = await JobStream.start_turn(
+            state.chat,
+            hold=slot.hand_over(),
+            audit=audit,
+            observer=state.metrics.stream(entry.model_name, audit.started),
+            principal=principal,
+            entry=entry,
+            new=new,
+            system=_system(req, entry, hint),
+            sampling=sampling,
+            conversation_id=cid,
+            api="medgemma",
         )
-    text, end = await opened.collect()
-    if isinstance(end, ErrorEvent):
-        return error_response(status_for(end.error.code), end.error, headers)
-    body = MedGemmaResponse(
-        conversation_id=cid,
-        model=entry.model_name,
-        content=text,
-        usage=end.usage,
-        finish_reason=end.finish_reason,
-        job_id=opened.job_id,
-        disclaimer=end.disclaimer,
-    )
-    return JSONResponse(body.model_dump(mode="json"), headers=headers)
+        headers = {"X-Job-Id": opened.job_id, "X-Conversation-Id": cid}
+        if req.stream:
+            failed = await opened.early_error(state.settings.gateway_first_event_wait_s)
+            if failed is not None:
+                return error_response(status_for(failed.error.code), failed.error, headers)
+            return opened.sse(
+                lambda event: [seed_frame(event, entry.model_name, cid)],
+                farewell=seed_farewell,
+                headers=headers,
+                ping_s=state.settings.gateway_ping_s,
+            )
+        text, end = await opened.collect()
+        if isinstance(end, ErrorEvent):
+            return error_response(status_for(end.error.code), end.error, headers)
+        body = MedGemmaResponse(
+            conversation_id=cid,
+            model=entry.model_name,
+            content=text,
+            usage=end.usage,
+            finish_reason=end.finish_reason,
+            job_id=opened.job_id,
+            disclaimer=end.disclaimer,
+        )
+        return JSONResponse(body.model_dump(mode="json"), headers=headers)

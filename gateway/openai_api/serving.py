@@ -28,7 +28,7 @@ from sse_starlette import EventSourceResponse, ServerSentEvent
 from gateway.auditing import AuditInfo
 from gateway.auth import Principal
 from gateway.chat import Part, PendingMessage
-from gateway.deps import rate_limited
+from gateway.deps import admission
 from gateway.errors import APIError, error_response
 from gateway.images import ImageLimits, parse_image_url
 from gateway.jobs import StreamEvent, status_for
@@ -226,51 +226,53 @@ async def serve(
     if req.stream and not entry.capabilities.stream:
         raise _unsupported("stream", f"Model {entry.model_name!r} cannot stream.")
     limits = state.settings.image_limits
-    hold = await rate_limited(state, principal, stream=req.stream)
-    system, earlier, new = await split_messages(req, limits)
-    cid = req.conversation_id or header_conversation_id
-    opened = await JobStream.start_turn(
-        state.chat,
-        hold=hold,
-        audit=audit,
-        observer=state.metrics.stream(entry.model_name, audit.started),
-        principal=principal,
-        entry=entry,
-        new=new,
-        system=system,
-        sampling=sampling_for(req, entry),
-        conversation_id=cid,
-        api="openai",
-        include_usage=bool(req.stream_options and req.stream_options.include_usage),
-        earlier=() if cid else earlier,
-    )
-    completion_id = f"chatcmpl-{opened.job_id}"
-    created = int(time.time())
-    headers = {"X-Job-Id": opened.job_id}
-    if cid:
-        headers["X-Conversation-Id"] = cid
-    if req.stream:
-        failed = await opened.early_error(state.settings.gateway_first_event_wait_s)
-        if failed is not None:
-            return error_response(status_for(failed.error.code), failed.error, headers)
-        include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        writer = ChunkWriter(completion_id, entry.model_name, created, include_usage)
-        return opened.sse(
-            writer.frames,
-            headers=headers,
-            ping_s=0,  # see ChunkWriter: keep-alive comments break the SDKs after an id
-            first=[writer.first()],
-            last=[DONE_FRAME],
-            farewell=openai_farewell,
+    async with admission(state, principal, stream=req.stream) as slot:
+        system, earlier, new = await split_messages(req, limits)
+        cid = req.conversation_id or header_conversation_id
+        opened = await JobStream.start_turn(
+            state.chat,
+            hold=slot.hand_over(),
+            audit=audit,
+            observer=state.metrics.stream(entry.model_name, audit.started),
+            principal=principal,
+            entry=entry,
+            new=new,
+            system=system,
+            sampling=sampling_for(req, entry),
+            conversation_id=cid,
+            api="openai",
+            include_usage=bool(req.stream_options and req.stream_options.include_usage),
+            earlier=() if cid else earlier,
         )
-    text, end = await opened.collect()
-    if isinstance(end, ErrorEvent):
-        return error_response(status_for(end.error.code), end.error, headers)
-    body = ChatCompletion(
-        id=completion_id,
-        created=created,
-        model=entry.model_name,
-        choices=[Choice(message=ResponseMessage(content=text), finish_reason=_finish_reason(end))],
-        usage=CompletionUsage(**_usage(end)),
-    )
-    return JSONResponse(body.model_dump(mode="json"), headers=headers)
+        completion_id = f"chatcmpl-{opened.job_id}"
+        created = int(time.time())
+        headers = {"X-Job-Id": opened.job_id}
+        if cid:
+            headers["X-Conversation-Id"] = cid
+        if req.stream:
+            failed = await opened.early_error(state.settings.gateway_first_event_wait_s)
+            if failed is not None:
+                return error_response(status_for(failed.error.code), failed.error, headers)
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            writer = ChunkWriter(completion_id, entry.model_name, created, include_usage)
+            return opened.sse(
+                writer.frames,
+                headers=headers,
+                ping_s=0,  # see ChunkWriter: keep-alive comments break the SDKs after an id
+                first=[writer.first()],
+                last=[DONE_FRAME],
+                farewell=openai_farewell,
+            )
+        text, end = await opened.collect()
+        if isinstance(end, ErrorEvent):
+            return error_response(status_for(end.error.code), end.error, headers)
+        body = ChatCompletion(
+            id=completion_id,
+            created=created,
+            model=entry.model_name,
+            choices=[
+                Choice(message=ResponseMessage(content=text), finish_reason=_finish_reason(end))
+            ],
+            usage=CompletionUsage(**_usage(end)),
+        )
+        return JSONResponse(body.model_dump(mode="json"), headers=headers)

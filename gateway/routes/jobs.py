@@ -13,7 +13,7 @@ from fastapi import APIRouter, Header, Path
 from fastapi.responses import JSONResponse
 from sse_starlette import EventSourceResponse
 
-from gateway.deps import AuditDep, PrincipalDep, StateDep, rate_limited
+from gateway.deps import AuditDep, PrincipalDep, StateDep, admission
 from gateway.errors import APIError
 from gateway.medgemma.serving import seed_farewell, seed_frame
 from gateway.openai_api.serving import DONE_FRAME, ChunkWriter, openai_farewell
@@ -54,28 +54,33 @@ async def job_events(
 ) -> EventSourceResponse:
     meta = await _own_job(state, principal, job_id)
     audit.job_id, audit.model, audit.conversation_id = job_id, meta.model, meta.conversation_id
-    hold = await rate_limited(state, principal, stream=True)
-    timer = state.metrics.stream(meta.model, audit.started, new_turn=False)  # open streams only
-    stream = await JobStream.resume(
-        state.chat.jobs, job_id, last_event_id, hold=hold, audit=audit, observer=timer
-    )
-    headers = {"X-Job-Id": job_id}
-    ping = state.settings.gateway_ping_s
-    if meta.api == "openai":
-        writer = ChunkWriter(f"chatcmpl-{job_id}", meta.model, meta.created, meta.include_usage)
-        first = [writer.first()] if last_event_id == 0 else []
-        return stream.sse(
-            writer.frames,
-            headers=headers,
-            ping_s=0,  # see ChunkWriter: keep-alive comments break the SDKs after an id
-            first=first,
-            last=[DONE_FRAME],
-            farewell=openai_farewell,
+    async with admission(state, principal, stream=True) as slot:
+        timer = state.metrics.stream(meta.model, audit.started, new_turn=False)  # open streams only
+        stream = await JobStream.resume(
+            state.chat.jobs,
+            job_id,
+            last_event_id,
+            hold=slot.hand_over(),
+            audit=audit,
+            observer=timer,
         )
-    cid = meta.conversation_id
-    return stream.sse(
-        lambda e: [seed_frame(e, meta.model, cid)],
-        headers=headers,
-        ping_s=ping,
-        farewell=seed_farewell,
-    )
+        headers = {"X-Job-Id": job_id}
+        ping = state.settings.gateway_ping_s
+        if meta.api == "openai":
+            writer = ChunkWriter(f"chatcmpl-{job_id}", meta.model, meta.created, meta.include_usage)
+            first = [writer.first()] if last_event_id == 0 else []
+            return stream.sse(
+                writer.frames,
+                headers=headers,
+                ping_s=0,  # see ChunkWriter: keep-alive comments break the SDKs after an id
+                first=first,
+                last=[DONE_FRAME],
+                farewell=openai_farewell,
+            )
+        cid = meta.conversation_id
+        return stream.sse(
+            lambda e: [seed_frame(e, meta.model, cid)],
+            headers=headers,
+            ping_s=ping,
+            farewell=seed_farewell,
+        )

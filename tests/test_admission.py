@@ -1,0 +1,81 @@
+"""Admission on the real stack: a request refused after its stream slot was taken gives the
+slot back, on both APIs, so a user who sends bad bodies is never locked out (issue: six bad
+image requests used to hold the slots for the slot TTL, and every valid request got 429)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from redis import Redis
+
+from tests.stack import Stack, ask, sse_events, start_stack, tokens
+
+pytestmark = pytest.mark.integration
+
+STREAMS = 2  # GATEWAY_MAX_CONCURRENT_STREAMS of this stack
+PNG = (
+    "data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8BQ"
+    "DwAEhQGAhKmMIQAAAABJRU5ErkJggg=="
+)
+
+
+@pytest.fixture(scope="module")
+def limited(tmp_path_factory: pytest.TempPathFactory, tiny_gemma_dir: Path) -> Iterator[Stack]:
+    s = start_stack(
+        tmp_path_factory.mktemp("admission"),
+        tiny_gemma_dir,
+        workers=0,
+        only={"smollm2-demo", "slow-model"},
+        settings={"GATEWAY_MAX_CONCURRENT_STREAMS": str(STREAMS)},
+    )
+    s.add_worker("slow-model")
+    yield s
+    s.stop()
+
+
+def _slots_held(stack: Stack) -> int:
+    redis = Redis.from_url(stack.redis_url)
+    try:
+        return sum(int(redis.zcard(k)) for k in redis.scan_iter("mg:rl:*:streams"))
+    finally:
+        redis.close()
+
+
+def test_refused_bodies_give_their_stream_slot_back(limited: Stack) -> None:
+    image_turn = {
+        "model": "smollm2-demo",
+        "temperature": 0,
+        "user_message": [
+            {"type": "image", "data_url": PNG},
+            {"type": "text", "text": "What is on this image?"},
+        ],
+    }
+    bad_openai = {
+        "model": "slow-model",
+        "stream": True,
+        "messages": [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}
+                ],
+            }
+        ],
+    }
+    with limited.client() as c:
+        for _ in range(3 * STREAMS):
+            r = c.post("/medgemma", json=image_turn)
+            assert r.status_code == 400, r.text
+            assert r.json()["error"]["code"] == "unsupported_capability"
+        for _ in range(3 * STREAMS):
+            r = c.post("/v1/chat/completions", json=bad_openai)
+            assert r.status_code == 400, r.text
+        assert _slots_held(limited) == 0
+        # No slot is held, and a valid stream is served at once.
+        first, events = sse_events(c, "/medgemma", ask("hello", model="slow-model"))
+        assert first.status_code == 200
+        assert tokens(events)
+        assert events[-1].event == "done"
+    assert _slots_held(limited) == 0
