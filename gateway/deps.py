@@ -7,6 +7,7 @@ its thread pool, a thread hop per dependency per request, for work that takes mi
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Awaitable, Callable
 from typing import Annotated
 
 from fastapi import Depends, Request
@@ -85,3 +86,19 @@ def visible_model(state: AppState, principal: Principal, name: str) -> ModelEntr
             param="model",
         )
     return entry
+
+
+#: Waits until the client closes its connection (for answers collected before they are sent).
+ClientGone = Callable[[], Awaitable[None]]
+
+
+async def get_client_gone(request: Request) -> ClientGone:
+    async def gone() -> None:
+        # The body has been read: the next ASGI message is the disconnect.
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    return gone
+
+
+ClientGoneDep = Annotated[ClientGone, Depends(get_client_gone)]

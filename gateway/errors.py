@@ -12,7 +12,7 @@ from collections.abc import Mapping
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from redis.exceptions import RedisError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -117,6 +117,19 @@ async def _rate_limited(_: Request, exc: Exception) -> JSONResponse:
     return error_response(429, info, {"Retry-After": str(exc.retry_after_s)})
 
 
+class ClientLeft(Exception):
+    """The client of a non-stream request closed its connection before the answer was done."""
+
+    def __init__(self, job_id: str) -> None:
+        super().__init__(job_id)
+        self.job_id = job_id
+
+
+async def _client_left(_: Request, exc: Exception) -> Response:
+    # Nobody reads this: the connection is closed. 499 is nginx's "client closed request".
+    return Response(status_code=499)
+
+
 async def _redis_down(_: Request, exc: Exception) -> JSONResponse:
     logger.warning("Redis unavailable: %s", type(exc).__name__)
     info = ErrorInfo(
@@ -143,5 +156,6 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(RateLimited, _rate_limited)
+    app.add_exception_handler(ClientLeft, _client_left)
     app.add_exception_handler(RedisError, _redis_down)
     app.add_exception_handler(Exception, _unexpected)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from typing import Any
 
 import anyio
@@ -22,6 +22,7 @@ from starlette.background import BackgroundTask
 from gateway.audit import prompt_digest
 from gateway.auditing import AuditInfo
 from gateway.chat import ChatService
+from gateway.errors import ClientLeft
 from gateway.jobs import JobService, StreamEvent
 from gateway.metrics import StreamTimer
 from gateway.relay import StreamInterrupted, Subscription
@@ -255,8 +256,35 @@ class JobStream:
         finally:
             stop.cancel()
 
-    async def collect(self) -> tuple[str, DoneEvent | ErrorEvent]:
-        """Wait for the whole answer: its text and the terminal event."""
+    async def collect(
+        self, client_gone: Callable[[], Awaitable[None]] | None = None
+    ) -> tuple[str, DoneEvent | ErrorEvent]:
+        """Wait for the whole answer: its text and the terminal event.
+
+        With ``client_gone``: if the client closes its connection first, the job is treated
+        like a stream whose client left (cancelled unless resumed within the grace) and
+        :class:`ClientLeft` is raised (the handler's answer would reach no one)."""
+        if client_gone is None:
+            return await self._collect()
+        answer = asyncio.ensure_future(self._collect())
+        gone = asyncio.ensure_future(client_gone())
+        try:
+            await asyncio.wait({answer, gone}, return_when=asyncio.FIRST_COMPLETED)
+            if answer.done():
+                return answer.result()
+            if self._audit is not None:
+                self._audit.outcome = "client_left"
+            self._jobs.abandoned(self.job_id)
+            answer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await answer
+            raise ClientLeft(self.job_id)
+        finally:
+            gone.cancel()
+            if not answer.done():
+                answer.cancel()
+
+    async def _collect(self) -> tuple[str, DoneEvent | ErrorEvent]:
         parts: list[str] = []
         try:
             async for event in self._events():

@@ -1,16 +1,19 @@
-"""Admission on the real stack: a request refused after its stream slot was taken gives the
-slot back, on both APIs, so a user who sends bad bodies is never locked out (issue: six bad
-image requests used to hold the slots for the slot TTL, and every valid request got 429)."""
+"""Admission and departure on the real stack: a request refused after its stream slot was
+taken gives the slot back, on both APIs, so a user who sends bad bodies is never locked out
+(six bad image requests used to hold the slots for the slot TTL, and every valid request got
+429); and a non-stream client that hangs up has its job cancelled like a stream's."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 from redis import Redis
 
 from tests.stack import Stack, ask, sse_events, start_stack, tokens
+from tests.test_reliability import wait_for_done
 
 pytestmark = pytest.mark.integration
 
@@ -78,4 +81,33 @@ def test_refused_bodies_give_their_stream_slot_back(limited: Stack) -> None:
         assert first.status_code == 200
         assert tokens(events)
         assert events[-1].event == "done"
+    assert _slots_held(limited) == 0
+
+
+def _job_ids(stack: Stack) -> set[str]:
+    redis = Redis.from_url(stack.redis_url, decode_responses=True)
+    try:
+        return {k.split(":")[2] for k in redis.scan_iter("mg:job:*:meta")}
+    finally:
+        redis.close()
+
+
+@pytest.mark.parametrize("api", ["medgemma", "openai"])
+def test_non_stream_client_that_leaves_cancels_its_job(limited: Stack, api: str) -> None:
+    """A `stream: false` request whose client hangs up is cancelled after the resume grace,
+    like a stream, instead of keeping the worker busy for nobody."""
+    before = _job_ids(limited)
+    if api == "medgemma":
+        path, body = "/medgemma", ask("a long answer please", model="slow-model", stream=False)
+    else:
+        path = "/v1/chat/completions"
+        body = {"model": "slow-model", "messages": [{"role": "user", "content": "long"}]}
+    with limited.client(timeout=1.5) as c, pytest.raises(httpx.ReadTimeout):
+        c.post(path, json=body)  # 200 tokens at 20/s: the client gives up after 1.5 s
+    new = _job_ids(limited) - before
+    assert len(new) == 1
+    job_id = new.pop()
+    done, _ = wait_for_done(limited, job_id, timeout_s=8)
+    assert done.finish_reason == "cancelled"
+    assert done.usage.completion_tokens < 200
     assert _slots_held(limited) == 0

@@ -6,7 +6,7 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 from sse_starlette import EventSourceResponse
 
-from gateway.deps import AuditDep, PrincipalDep, StateDep, visible_model
+from gateway.deps import AuditDep, ClientGoneDep, PrincipalDep, StateDep, visible_model
 from gateway.medgemma import serving
 from gateway.medgemma.protocol import MedGemmaRequest
 
@@ -19,7 +19,11 @@ router = APIRouter(tags=["medgemma"])
     response_model=None,
 )
 async def medgemma(
-    req: MedGemmaRequest, state: StateDep, principal: PrincipalDep, audit: AuditDep
+    req: MedGemmaRequest,
+    state: StateDep,
+    principal: PrincipalDep,
+    audit: AuditDep,
+    gone: ClientGoneDep,
 ) -> EventSourceResponse | JSONResponse:
     entry = visible_model(state, principal, req.model)
-    return await serving.serve(state, principal, entry, req, audit)
+    return await serving.serve(state, principal, entry, req, audit, client_gone=gone)

@@ -29,7 +29,7 @@ from sse_starlette import EventSourceResponse, ServerSentEvent
 from gateway.auditing import AuditInfo
 from gateway.auth import Principal
 from gateway.chat import Part, PendingMessage, new_id
-from gateway.deps import admission
+from gateway.deps import ClientGone, admission
 from gateway.errors import APIError, error_response
 from gateway.images import parse_image_url
 from gateway.jobs import StreamEvent, status_for
@@ -174,6 +174,8 @@ async def serve(
     entry: ModelEntry,
     req: MedGemmaRequest,
     audit: AuditInfo,
+    *,
+    client_gone: ClientGone | None = None,
 ) -> EventSourceResponse | JSONResponse:
     check_request(req, entry)
     async with admission(state, principal, stream=req.stream) as slot:
@@ -219,7 +221,7 @@ async def serve(
                 headers=headers,
                 ping_s=state.settings.gateway_ping_s,
             )
-        text, end = await opened.collect()
+        text, end = await opened.collect(client_gone)
         if isinstance(end, ErrorEvent):
             return error_response(status_for(end.error.code), end.error, headers)
         body = MedGemmaResponse(

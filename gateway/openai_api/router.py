@@ -8,7 +8,7 @@ from fastapi import APIRouter, Header
 from fastapi.responses import JSONResponse
 from sse_starlette import EventSourceResponse
 
-from gateway.deps import AuditDep, PrincipalDep, StateDep, visible_model
+from gateway.deps import AuditDep, ClientGoneDep, PrincipalDep, StateDep, visible_model
 from gateway.medgemma.protocol import CONVERSATION_ID
 from gateway.openai_api import serving
 from gateway.openai_api.protocol import ChatCompletionRequest, ModelCard, ModelList
@@ -22,10 +22,13 @@ async def chat_completions(
     state: StateDep,
     principal: PrincipalDep,
     audit: AuditDep,
+    gone: ClientGoneDep,
     x_conversation_id: Annotated[str | None, Header(pattern=CONVERSATION_ID)] = None,
 ) -> EventSourceResponse | JSONResponse:
     entry = visible_model(state, principal, req.model)
-    return await serving.serve(state, principal, entry, req, x_conversation_id, audit)
+    return await serving.serve(
+        state, principal, entry, req, x_conversation_id, audit, client_gone=gone
+    )
 
 
 @router.get("/models", summary="Models you may use, in OpenAI's list format")

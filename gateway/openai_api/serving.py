@@ -28,7 +28,7 @@ from sse_starlette import EventSourceResponse, ServerSentEvent
 from gateway.auditing import AuditInfo
 from gateway.auth import Principal
 from gateway.chat import Part, PendingMessage
-from gateway.deps import admission
+from gateway.deps import ClientGone, admission
 from gateway.errors import APIError, error_response
 from gateway.images import ImageLimits, parse_image_url
 from gateway.jobs import StreamEvent, status_for
@@ -221,6 +221,8 @@ async def serve(
     req: ChatCompletionRequest,
     header_conversation_id: str | None,
     audit: AuditInfo,
+    *,
+    client_gone: ClientGone | None = None,
 ) -> EventSourceResponse | JSONResponse:
     check_options(req)
     if req.stream and not entry.capabilities.stream:
@@ -263,7 +265,7 @@ async def serve(
                 last=[DONE_FRAME],
                 farewell=openai_farewell,
             )
-        text, end = await opened.collect()
+        text, end = await opened.collect(client_gone)
         if isinstance(end, ErrorEvent):
             return error_response(status_for(end.error.code), end.error, headers)
         body = ChatCompletion(
