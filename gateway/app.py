@@ -113,6 +113,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
             jobs,
             ConversationStore(redis, keys, ttl_s=settings.conversation_ttl_s),
             queue_timeout_s=settings.gateway_queue_timeout_s,
+            max_generation_s=settings.gateway_max_generation_s,
             max_images=settings.gateway_max_images,
             turn_ttl_s=settings.turn_ttl_s,
         )

@@ -65,6 +65,7 @@ class ChatService:
         conversations: ConversationStore,
         *,
         queue_timeout_s: float,
+        max_generation_s: float,
         max_images: int,
         turn_ttl_s: int,
     ) -> None:
@@ -73,6 +74,7 @@ class ChatService:
         self._max_images = max_images
         self._image_ttl_s = turn_ttl_s
         self._queue_timeout_s = queue_timeout_s
+        self._max_generation_s = max_generation_s
         self._lock_ttl_s = turn_ttl_s
 
     @contextlib.asynccontextmanager
@@ -137,6 +139,7 @@ class ChatService:
                 conversation=ref,
                 enqueued_at=now,
                 start_deadline=now + self._queue_timeout_s,
+                max_generation_s=self._max_generation_s,
             )
 
             def remember(pipe: Pipeline) -> None:

@@ -41,7 +41,10 @@ class GatewaySettings(CommonSettings):
         "ends with a worker_timeout error.",
     )
     gateway_max_generation_s: float = Field(
-        default=600.0, gt=0, description="Upper bound on one generation (holds the turn lock)."
+        default=600.0,
+        gt=0,
+        description="Longest one generation may run: the worker then ends the answer with "
+        "finish_reason length. The turn lock, the job's images and a stream slot live longer.",
     )
     gateway_resume_grace_s: float = Field(
         default=10.0,

@@ -124,6 +124,13 @@ class Job(_Message):
         description="0 for the first run; n when re-enqueued after the n-th worker running it "
         "was lost. The new worker continues from the text already in the job's event log.",
     )
+    max_generation_s: float | None = Field(
+        default=None,
+        gt=0,
+        description="Longest the worker may generate (GATEWAY_MAX_GENERATION_S); it then ends "
+        "the answer with finish_reason 'length'. The gateway sizes the turn lock, the images' "
+        "and the stream slot's TTLs beyond it.",
+    )
 
 
 # --- events -----------------------------------------------------------------------------------

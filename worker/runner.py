@@ -180,12 +180,22 @@ class JobRunner:
         logger.info(
             "job %s prompt: %d messages, %d image(s)", job.job_id, len(job.messages), len(images)
         )
+        started = self._clock()
+        over_time = False
+
+        def should_stop() -> bool:
+            nonlocal over_time
+            limit = job.max_generation_s
+            if limit is not None and self._clock() - started > limit:
+                over_time = True
+            return over_time or self._should_stop(job.job_id)
+
         try:
             result = self._engine.generate(
                 job.messages,
                 job.sampling,
                 on_text=pub.token,
-                should_stop=lambda: self._should_stop(job.job_id),
+                should_stop=should_stop,
                 images=images,
                 continue_text=sent,
             )
@@ -209,6 +219,9 @@ class JobRunner:
             return
         if self._leases.lost(job.job_id):
             return  # another worker owns the job now; publish nothing more
+        if over_time and result.finish_reason == "cancelled" and not self._is_cancelled(job.job_id):
+            logger.info("job %s reached its %.0fs limit", job.job_id, job.max_generation_s or 0)
+            result.finish_reason = "length"  # ended by the limit, like max_tokens
         self._finish(job, pub, result)
 
     def _should_stop(self, job_id: str) -> bool:
