@@ -165,10 +165,21 @@ def main() -> int:
             sent_at=time.time(),
         )
 
+    def broken() -> str | None:
+        """What of this worker's own threads has died, if anything."""
+        if not engine.healthy():
+            return "the engine's batch threads died"
+        if not cancels.alive():
+            return "the cancel listener died"
+        if not leases.alive():
+            return "the lease keeper died"
+        return None
+
     heartbeat = Heartbeat(
         redis,
         keys,
         snapshot=snapshot,
+        healthy=broken,
         interval_s=settings.heartbeat_interval_s,
         ttl_s=settings.heartbeat_ttl_s,
     )

@@ -38,6 +38,9 @@ class CancelWatcher:
     def stop(self) -> None:
         self._stop.set()
 
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
     def _listen(self) -> None:
         while not self._stop.is_set():
             pubsub = self._redis.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]

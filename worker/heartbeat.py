@@ -30,10 +30,13 @@ class Heartbeat:
         snapshot: Callable[[], WorkerHeartbeat],
         interval_s: float,
         ttl_s: float,
+        healthy: Callable[[], str | None] = lambda: None,
     ) -> None:
         self._redis = redis
         self._keys = keys
         self._snapshot = snapshot
+        self._healthy = healthy  # None, or what is broken
+        self._withdrawn = False
         self._interval_s = interval_s
         self._ttl_s = ttl_s
         self._stop = threading.Event()
@@ -51,10 +54,19 @@ class Heartbeat:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            try:
-                self.beat()
-            except RedisError as exc:
-                logger.warning("heartbeat failed: %s", type(exc).__name__)
+            broken = self._healthy()
+            if broken is not None:
+                # A worker whose own threads died cannot serve: withdraw it, once, for good;
+                # the gateway stops sending it work (and hands its jobs over).
+                if not self._withdrawn:
+                    logger.error("worker unhealthy (%s): withdrawing its heartbeat", broken)
+                    self._withdraw()
+                    self._withdrawn = True
+            else:
+                try:
+                    self.beat()
+                except RedisError as exc:
+                    logger.warning("heartbeat failed: %s", type(exc).__name__)
             self._stop.wait(self._interval_s)
 
     def start(self) -> None:
@@ -67,6 +79,9 @@ class Heartbeat:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
+        self._withdraw()
+
+    def _withdraw(self) -> None:
         try:
             hb = self._snapshot()
             pipe = self._redis.pipeline(transaction=True)

@@ -59,6 +59,7 @@ class LeaseKeeper:
         self._lost: set[str] = set()
         self._lock = threading.Lock()
         self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
         self._renew = redis.register_script(_RENEW)
         self._finish = redis.register_script(_FINISH)
 
@@ -115,7 +116,11 @@ class LeaseKeeper:
             self.renew_all()
 
     def start(self) -> None:
-        threading.Thread(target=self._run, name="lease-keeper", daemon=True).start()
+        self._thread = threading.Thread(target=self._run, name="lease-keeper", daemon=True)
+        self._thread.start()
+
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
 
     def stop(self) -> None:
         self._stop.set()

@@ -69,3 +69,7 @@ class GenerationEngine(Protocol):
 
     def close(self) -> None:
         """Stop background threads; the engine serves nothing afterwards."""
+
+    def healthy(self) -> bool:
+        """Whether its background threads (if any) still run: False makes the worker withdraw
+        its heartbeat, so the gateway stops sending it work."""

@@ -51,6 +51,8 @@ logger = logging.getLogger(__name__)
 
 PAGE_TOKENS = 256  # the manager's default page size
 RESULT_TIMEOUT_S = 120.0  # no token for this long: the manager is wedged
+HEALTH_CHECK_S = 0.5  # a waiting stream looks at the batch's threads this often
+_DIED = object()  # put in every open stream's queue when the dispatcher dies
 IDLE_STOP_S = 1.0  # a restartable manager stops this long after its last request left
 
 
@@ -76,11 +78,22 @@ class BatchStream:
 
     def __iter__(self) -> Iterator[list[int]]:
         try:
+            waited = 0.0
             while not self._stopped:
                 try:
-                    out = self._results.get(timeout=RESULT_TIMEOUT_S)
+                    out = self._results.get(timeout=HEALTH_CHECK_S)
                 except queue.Empty:
-                    raise BatchUnavailable("continuous batching produced nothing in time") from None
+                    waited += HEALTH_CHECK_S
+                    if not self._decoder.alive():
+                        raise BatchUnavailable("the batch's threads died") from None
+                    if waited >= RESULT_TIMEOUT_S:
+                        raise BatchUnavailable(
+                            "continuous batching produced nothing in time"
+                        ) from None
+                    continue
+                waited = 0.0
+                if out is _DIED:
+                    raise BatchUnavailable("the batch's dispatcher died")
                 if out.error:
                     raise BatchUnavailable("continuous batching failed this request")
                 tokens = list(out.generated_tokens)  # streaming: everything so far
@@ -142,6 +155,7 @@ class BatchDecoder:
         self._life = threading.Lock()  # starting/stopping the manager vs adding requests
         self._started_once = False
         self._closed = False
+        self._dead = False
         self._restarted = threading.Event()
         self._stop = threading.Event()
         self._ids = itertools.count(1)
@@ -192,6 +206,19 @@ class BatchDecoder:
                 self._manager.stop(block=True, keep_for_next_session=True)
 
     def _dispatch(self) -> None:
+        try:
+            self._dispatch_loop()
+        except BaseException as exc:
+            # Every request in the batch ends now with an error, not after RESULT_TIMEOUT_S;
+            # alive() turns False, so the worker withdraws its heartbeat (worker/__main__.py).
+            logger.error("the batch dispatcher died: %s", type(exc).__name__)
+            self._dead = True
+            with self._lock:
+                routes = list(self._routes.values())
+            for route in routes:
+                route.put(_DIED)
+
+    def _dispatch_loop(self) -> None:
         while not self._stop.is_set():
             out = self._manager.get_result(timeout=0.2)
             if out is None:
@@ -251,8 +278,15 @@ class BatchDecoder:
     def alive(self) -> bool:
         """Whether the dispatcher runs, and the manager's thread too unless it is restartable
         (then it may be stopped between batches on purpose)."""
+        if self._dead:
+            return False
         dispatching = self._dispatcher is not None and self._dispatcher.is_alive()
-        return dispatching and (self.restartable or bool(self._manager.is_running()))
+        with self._life:  # not while a request is being added and the manager (re)started
+            with self._lock:
+                in_flight = bool(self._routes)
+            running = bool(self._manager.is_running())
+        # A restartable manager may be stopped between batches, never under a request.
+        return dispatching and (running or (self.restartable and not in_flight))
 
     def close(self) -> None:
         self._stop.set()

@@ -66,3 +66,6 @@ class LoadTestEngine:
 
     def close(self) -> None:
         pass
+
+    def healthy(self) -> bool:
+        return True

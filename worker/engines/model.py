@@ -80,6 +80,9 @@ class ModelEngine:
             self.batch.warmup(prompt.ids)
             logger.info("warm-up: batch ready in %.1f s", time.perf_counter() - started)
 
+    def healthy(self) -> bool:
+        return self.batch is None or self.batch.alive()
+
     def close(self) -> None:
         if self.batch is not None:
             self.batch.close()
