@@ -97,6 +97,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         await relay.start()
         celery = Celery("medgemma-gateway")
         celery.conf.update(celery_options(settings.redis_url))
+        conversations = ConversationStore(redis, keys, ttl_s=settings.conversation_ttl_s)
         jobs = JobService(
             redis,
             relay,
@@ -108,10 +109,11 @@ def create_app(settings: GatewaySettings) -> FastAPI:
             resume_grace_s=settings.gateway_resume_grace_s,
             queues={m.model_name: m.queue for m in registry.models},
             book=QueueBook(redis, keys, queue_timeout_s=settings.gateway_queue_timeout_s),
+            conversations=conversations,
         )
         chat = ChatService(
             jobs,
-            ConversationStore(redis, keys, ttl_s=settings.conversation_ttl_s),
+            conversations,
             queue_timeout_s=settings.gateway_queue_timeout_s,
             max_generation_s=settings.gateway_max_generation_s,
             max_images=settings.gateway_max_images,

@@ -23,6 +23,7 @@ from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
 from redis.exceptions import RedisError
 
+from gateway.conversations import ConversationStore
 from gateway.errors import APIError
 from gateway.images import RawImage
 from gateway.queueing import QueueBook
@@ -56,8 +57,10 @@ class JobService:
         resume_grace_s: float,
         queues: dict[str, str] | None = None,
         book: QueueBook,
+        conversations: ConversationStore | None = None,
     ) -> None:
         self._redis = redis
+        self._conversations = conversations
         self._relay = relay
         self._celery = celery
         self._keys = keys
@@ -277,8 +280,7 @@ class JobService:
                 if (progressing and now - last_event_at > self._idle_timeout_s) or (
                     not progressing and now > deadline
                 ):
-                    logger.warning("job %s stalled", job_id)
-                    yield _error(
+                    yield await self._give_up(
                         job_id,
                         last + 1,
                         ErrorCode.WORKER_TIMEOUT,
@@ -292,7 +294,7 @@ class JobService:
                     yield _lost_redis(job_id, last + 1)
                     return
                 if problem is not None:
-                    yield _error(job_id, last + 1, ErrorCode.WORKER_LOST, problem)
+                    yield await self._give_up(job_id, last + 1, ErrorCode.WORKER_LOST, problem)
                     return
                 claimed = progressing = False
                 last_event_at = now
@@ -307,14 +309,32 @@ class JobService:
                     place = where
                     yield QueuedEvent(job_id=job_id, position=where[0], eta_s=where[1])
             else:
-                logger.warning("job %s never started", job_id)
-                yield _error(
+                yield await self._give_up(
                     job_id,
                     last + 1,
                     ErrorCode.WORKER_TIMEOUT,
                     "No worker started this request in time. Try again later.",
                 )
                 return
+
+    async def _give_up(self, job_id: str, seq: int, code: ErrorCode, message: str) -> ErrorEvent:
+        """End a job the gateway can no longer follow: log it, cancel it (a worker that still
+        has it, or takes it later, stops and stores nothing), and free its conversation for
+        the next turn (the worker that would have released the lock is gone or stuck)."""
+        logger.warning("job %s ended by the gateway: %s", job_id, code.value)
+        try:
+            await self.cancel(job_id)
+            raw = await self._redis.get(self._keys.job_payload(job_id))
+            ref = Job.model_validate_json(raw).conversation if raw is not None else None
+            if ref is not None and self._conversations is not None:
+                await self._conversations.unlock(ref.user_id, ref.conversation_id, job_id)
+        except (RedisError, OSError) as exc:
+            logger.warning(
+                "job %s: could not cancel it or free its conversation: %s",
+                job_id,
+                type(exc).__name__,
+            )
+        return _error(job_id, seq, code, message)
 
     async def _model_of(self, job_id: str) -> str | None:
         meta = await self.meta(job_id)
