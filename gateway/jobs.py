@@ -71,7 +71,6 @@ class JobService:
         self._pending: set[asyncio.Task[None]] = set()
         self._queues: dict[str, str] = dict(queues or {})
         self.book = book
-        self._handover_wait_s = 30.0
 
     # -- job records, cancellation, watchers -------------------------------------------------
 
@@ -248,6 +247,7 @@ class JobService:
         claimed = after_seq > 0
         owner: str | None = None  # the worker last seen holding the job
         progressing = after_seq > 0  # tokens flow: silence is bounded by the idle timeout
+        handed_over = False  # re-enqueued after its worker was lost, not yet claimed again
         model: str | None = None
         place: tuple[int, float] | None = None
         while True:
@@ -256,7 +256,7 @@ class JobService:
                     sub, after_seq=last, first_timeout_s=LEASE_CHECK_S, idle_timeout_s=LEASE_CHECK_S
                 ):
                     last, last_event_at, claimed = event.seq, time.monotonic(), True
-                    progressing = True
+                    progressing, handed_over = True, False
                     yield event
                 return  # events() ends after a terminal event
             except TimeoutError:
@@ -274,6 +274,7 @@ class JobService:
                 claim = "?"  # the relay reports the outage
             if claim is not None:  # a worker holds it (or it just finished)
                 claimed = True
+                handed_over = False
                 owner = str(claim)
                 # Before the first token (queue wait, prefill) the start deadline bounds the
                 # wait; once tokens flow, the idle timeout does.
@@ -287,18 +288,23 @@ class JobService:
                         "The worker stopped responding in the middle of this answer.",
                     )
                     return
-            elif claimed or last > 0:
+            elif (claimed or last > 0) and not handed_over:
                 try:
-                    problem = await self._hand_over(job_id, owner)
+                    outcome = await self._hand_over(job_id, owner)
                 except (RedisError, OSError):
                     yield _lost_redis(job_id, last + 1)
                     return
-                if problem is not None:
-                    yield await self._give_up(job_id, last + 1, ErrorCode.WORKER_LOST, problem)
+                if isinstance(outcome, str):
+                    yield await self._give_up(job_id, last + 1, ErrorCode.WORKER_LOST, outcome)
                     return
+                # Handed over: the job waits in line like a new one (queued events, the
+                # start deadline), until a worker claims it; it is not handed over again
+                # before one has.
                 claimed = progressing = False
+                handed_over = True
                 last_event_at = now
-                deadline = now + self._handover_wait_s
+                deadline = now + outcome
+                place = None
             elif now <= deadline:
                 try:
                     model = model or await self._model_of(job_id)
@@ -340,8 +346,9 @@ class JobService:
         meta = await self.meta(job_id)
         return meta.model if meta else None
 
-    async def _hand_over(self, job_id: str, lost: str | None) -> str | None:
-        """Re-enqueue a job whose worker was lost. Returns why it cannot go on, or None."""
+    async def _hand_over(self, job_id: str, lost: str | None) -> str | float:
+        """Re-enqueue a job whose worker was lost. Returns why it cannot go on, or how long
+        it may wait in line for a worker (its queue timeout, from now)."""
         raw = await self._redis.get(self._keys.job_payload(job_id))
         if raw is None:
             return "The worker running this answer was lost and the job has expired."
@@ -352,9 +359,9 @@ class JobService:
         if await self.live_workers(job.model, besides=lost) == 0:
             return "The worker running this answer was lost and no other worker serves this model."
         guard = self._keys.job_handover(job_id, n)
-        if not await self._redis.set(guard, "1", nx=True, ex=self._job_ttl_s):
-            return None  # another gateway process already handed it over
         wait = job.start_deadline - job.enqueued_at
+        if not await self._redis.set(guard, "1", nx=True, ex=self._job_ttl_s):
+            return wait  # another gateway process already handed it over
         moved = job.model_copy(update={"handover": n, "start_deadline": time.time() + wait})
         await self._redis.set(
             self._keys.job_payload(job_id), moved.model_dump_json(), ex=self._job_ttl_s
@@ -362,7 +369,7 @@ class JobService:
         await self.book.book(moved)
         await anyio.to_thread.run_sync(self._send, moved, self._queues.get(job.model, job.model))
         logger.warning("job %s: worker lost; handed over (attempt %d)", job_id, n)
-        return None
+        return wait
 
 
 def _lost_redis(job_id: str, seq: int) -> ErrorEvent:

@@ -1,7 +1,11 @@
-"""When the gateway ends a job itself (its only worker stopped mid-answer: worker_lost, or
-worker_timeout), it also cancels the job and frees the conversation: the user's next turn is
-accepted at once instead of 409 "conversation busy" for the turn TTL, and the stale worker,
-once it runs again, stores nothing of the abandoned answer."""
+"""Workers that fail mid-answer, on the real stack.
+
+* When the gateway ends a job itself (its only worker stopped mid-answer: worker_lost, or
+  worker_timeout), it also cancels the job and frees the conversation: the user's next turn is
+  accepted at once instead of 409 "conversation busy" for the turn TTL, and the stale worker,
+  once it runs again, stores nothing of the abandoned answer.
+* An answer handed over while every other worker is busy waits in line for one, then
+  continues (it used to be handed over again each second and then failed)."""
 
 from __future__ import annotations
 
@@ -12,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from redis import Redis
 
 from devstack.processes import wait_ready
 from tests.stack import Stack, ask, sse_events, start_stack, stream_in_background
@@ -53,3 +58,37 @@ def test_a_turn_the_gateway_gives_up_frees_the_conversation(single: Stack) -> No
         assert events[-1].event == "done"
         history = c.get("/conversations/c-gives-up").json()
         assert len(history["messages"]) == 2  # only the second turn: question and answer
+    worker.stop()  # the next test counts its own workers
+
+
+def _claim(stack: Stack, job_id: str) -> str | None:
+    redis = Redis.from_url(stack.redis_url, decode_responses=True)
+    try:
+        value = redis.get(f"mg:job:{job_id}:claim")
+        return None if value is None else str(value)
+    finally:
+        redis.close()
+
+
+def test_a_handed_over_answer_waits_for_the_busy_worker(single: Stack) -> None:
+    """Two workers, each running one answer; one is killed. Its answer is handed over, waits
+    in line (queued events) while the other worker finishes its own answer, then continues
+    there and completes, instead of failing after repeated handovers."""
+    first = single.add_worker("slow-model")
+    second = single.add_worker("slow-model")
+    a = stream_in_background(single, ask("answer A", model="slow-model"))
+    assert a.wait_for_events(3, 20), a.events
+    b = stream_in_background(single, ask("answer B", model="slow-model"))
+    assert b.wait_for_events(3, 20), b.events
+    holder = _claim(single, b.job_id)
+    assert holder is not None
+    victim = next(p for p in (first, second) if holder.endswith(f"-{p.popen.pid}"))
+    os.kill(victim.popen.pid, signal.SIGKILL)
+    a.join(40)
+    b.join(60)
+    assert a.events[-1][0] == "done", a.events[-1]
+    kinds = [kind for kind, _ in b.events]
+    assert kinds[-1] == "done", b.events[-3:]
+    assert "queued" in kinds[kinds.index("token") :], kinds  # it waited in line after the kill
+    done = json.loads(b.events[-1][1])
+    assert done["finish_reason"] == "length"
