@@ -19,6 +19,7 @@ from typing import Any
 import fakeredis
 import pytest
 from PIL import Image
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from shared.keys import Keys
 from shared.protocol import (
@@ -394,3 +395,34 @@ def test_missing_image_is_an_error_event(
     assert engine.calls == 0
     assert blobs.exists(KEYS.job_image(job.job_id, 0)) == 0
     assert redis.get(KEYS.conversation_lock("alice", "c-img")) is None
+
+
+def test_a_redis_error_before_the_start_gives_the_claim_back(
+    redis: fakeredis.FakeRedis, make_runner: Callable[..., JobRunner], entry: ModelEntry
+) -> None:
+    """Redis fails between the claim and the start of generation: the lease stops being
+    renewed (it used to be renewed forever), so the claim lapses and the job can move on."""
+    runner = make_runner(_Boom(), entry)
+    job = _job()
+    real_pipeline = redis.pipeline
+    calls = {"n": 0}
+
+    def failing_pipeline(*args: Any, **kwargs: Any) -> Any:
+        pipe = real_pipeline(*args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] == 1:  # the record of the start
+
+            def boom() -> None:
+                raise RedisConnectionError("injected")
+
+            pipe.execute = boom
+        return pipe
+
+    redis.pipeline = failing_pipeline  # type: ignore[method-assign]
+    with pytest.raises(RedisConnectionError):
+        runner.run(job)
+    redis.pipeline = real_pipeline  # type: ignore[method-assign]
+    assert runner._leases._held == set()  # nothing left for the lease keeper to renew
+    # The claim is not renewed: it lapses with its lease, then the gateway hands the job over.
+    assert 0 < redis.pttl(KEYS.job_claim(job.job_id)) <= CONFIG.claim_ttl_s * 1000
+    assert runner.jobs_running == 0

@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -90,16 +91,23 @@ class JobRunner:
             done_ttl_s=config.job_ttl_s,
         )
         self._conversations = ConversationWriter(redis, keys, ttl_s=config.conversation_ttl_s)
-        self.jobs_running = 0
+        self.jobs_running = 0  # Celery's threads run jobs at once: counted under a lock
+        self._running_lock = threading.Lock()
 
     def run(self, job: Job) -> None:
         if not self._leases.acquire(job.job_id):
             logger.warning("job %s already claimed by another run; skipped", job.job_id)
             return
-        pipe = self._redis.pipeline(transaction=False)
-        record_start(pipe, self._keys, job.model, job.job_id, self._clock())
-        pipe.execute()
-        sent, last_seq, ended = self._already_sent(job)
+        try:
+            pipe = self._redis.pipeline(transaction=False)
+            record_start(pipe, self._keys, job.model, job.job_id, self._clock())
+            pipe.execute()
+            sent, last_seq, ended = self._already_sent(job)
+        except BaseException:
+            # Redis failed before the job started: stop renewing the claim (it lapses with its
+            # lease and the gateway hands the job over) instead of renewing it forever.
+            self._leases.release(job.job_id, finished=False)
+            raise
         if ended:  # a duplicate of a job that finished: nothing to do
             self._leases.release(job.job_id, finished=True)
             return
@@ -109,7 +117,8 @@ class JobRunner:
         ref = job.conversation
         if ref is not None:
             pub.on_terminal.append(lambda pipe: self._conversations.release(ref, job.job_id, pipe))
-        self.jobs_running += 1
+        with self._running_lock:
+            self.jobs_running += 1
         if self._cancels is not None:
             self._cancels.begin(job.job_id)
         try:
@@ -121,7 +130,8 @@ class JobRunner:
                 "job %s: stopped after losing its lease (%s)", job.job_id, type(exc).__name__
             )
         finally:
-            self.jobs_running -= 1
+            with self._running_lock:
+                self.jobs_running -= 1
             if self._cancels is not None:
                 self._cancels.end(job.job_id)
             handed_over = self._leases.lost(job.job_id) and not pub.terminal_sent
