@@ -18,6 +18,9 @@ from redis.asyncio.client import Pipeline
 from shared.keys import Keys
 from shared.protocol import ChatMessage
 
+#: How long a cancel request of an erased conversation's job stays readable by a late worker.
+CANCEL_TTL_S = 3600
+
 _RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
@@ -85,7 +88,12 @@ class ConversationStore:
         ]
 
     async def delete(self, user_id: str, conversation_id: str) -> bool:
-        """Erase the conversation and every trace of its jobs (event logs, records)."""
+        """Erase the conversation and every trace of its jobs (event logs, records).
+
+        A turn still running is cancelled (its worker stores nothing of it) and the turn lock
+        goes too, so the conversation id is free at once. The running job's claim is kept:
+        its worker keeps its lease and ends the job with a cancelled event instead of looking
+        lost."""
         key = self._keys.conversation(user_id, conversation_id)
         jobs_key = self._keys.conversation_jobs(user_id, conversation_id)
         job_ids = cast(set[str], await self._redis.smembers(jobs_key))
@@ -93,7 +101,12 @@ class ConversationStore:
         pipe.delete(key)
         pipe.zrem(self._keys.conversations(user_id), conversation_id)
         pipe.delete(jobs_key)
+        pipe.delete(self._keys.conversation_lock(user_id, conversation_id))
         for job_id in job_ids:
-            pipe.delete(*self._keys.job_keys(job_id))
-        deleted = (await pipe.execute())[0]
-        return bool(deleted)
+            claim = self._keys.job_claim(job_id)
+            pipe.delete(*[k for k in self._keys.job_keys(job_id) if k != claim])
+            pipe.set(self._keys.job_cancel(job_id), "1", ex=CANCEL_TTL_S)
+            pipe.publish(self._keys.cancel_channel, job_id)
+        results = await pipe.execute()
+        # Found if it had stored turns, or a first turn that is still running.
+        return bool(results[0]) or bool(results[3]) or bool(job_ids)

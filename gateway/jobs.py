@@ -105,7 +105,12 @@ class JobService:
         finally:
             if counted:
                 with contextlib.suppress(RedisError, OSError):
-                    await self._redis.decr(key)
+                    # With its TTL again: a DECR after the key was erased (the conversation
+                    # deleted meanwhile) recreates it.
+                    pipe = self._redis.pipeline(transaction=True)
+                    pipe.decr(key)
+                    pipe.expire(key, self._job_ttl_s)
+                    await pipe.execute()
 
     def abandoned(self, job_id: str) -> None:
         """The client left mid-stream: cancel the job unless a client resumes it in time."""
