@@ -96,14 +96,20 @@ class ConversationStore:
         lost."""
         key = self._keys.conversation(user_id, conversation_id)
         jobs_key = self._keys.conversation_jobs(user_id, conversation_id)
-        job_ids = cast(set[str], await self._redis.smembers(jobs_key))
+        job_ids = sorted(cast(set[str], await self._redis.smembers(jobs_key)))
+        claims = (
+            await self._redis.mget([self._keys.job_claim(j) for j in job_ids]) if job_ids else []
+        )
         pipe = self._redis.pipeline(transaction=True)
         pipe.delete(key)
         pipe.zrem(self._keys.conversations(user_id), conversation_id)
         pipe.delete(jobs_key)
         pipe.delete(self._keys.conversation_lock(user_id, conversation_id))
-        for job_id in job_ids:
-            claim = self._keys.job_claim(job_id)
+        for job_id, holder in zip(job_ids, claims, strict=True):
+            if holder is not None and str(holder).startswith("done:"):  # finished: erase all
+                pipe.delete(*self._keys.job_keys(job_id))
+                continue
+            claim = self._keys.job_claim(job_id)  # queued or running: cancel it
             pipe.delete(*[k for k in self._keys.job_keys(job_id) if k != claim])
             pipe.set(self._keys.job_cancel(job_id), "1", ex=CANCEL_TTL_S)
             pipe.publish(self._keys.cancel_channel, job_id)
