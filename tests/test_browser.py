@@ -590,3 +590,39 @@ def test_resume_skips_repeated_events_and_gives_up_after_three_tries(page: Page)
     assert resumes == ["2", "3", "3", "3"]  # progress resets the count: 1 + 3 tries
     assert answer_text(page) == "Hello world"
     expect(page.locator("#alert")).to_contain_text("could not be restored")
+
+
+def test_gateway_shutdown_mid_answer_resumes_instead_of_failing(page: Page) -> None:
+    """A gateway that shuts down ends the stream with gateway_shutdown (no event id): the page
+    resumes the job on the next gateway instead of showing a failed answer."""
+    resumes: list[str] = []
+
+    def first(route: Route) -> None:
+        farewell = {
+            "error": {
+                "message": "The server is restarting; resume the stream.",
+                "type": "server_error",
+                "param": None,
+                "code": "gateway_shutdown",
+            }
+        }
+        body = sse(
+            ("token", 1, {"text": "Hello "}),
+            ("token", 2, {"text": "wor"}),
+            ("error", None, farewell),
+        )
+        route.fulfill(status=200, headers=sse_headers(), body=body)
+
+    def resume(route: Route) -> None:
+        resumes.append(route.request.headers["last-event-id"])
+        body = sse(("token", 3, {"text": "ld"}), ("done", 4, done_data(3)))
+        route.fulfill(status=200, headers=sse_headers(), body=body)
+
+    page.route("**/medgemma", first)
+    page.route("**/jobs/*/events", resume)
+    sign_in(page)
+    send(page, "hello")
+    answer = last_answer(page)
+    expect(answer).to_have_attribute("data-state", "done", timeout=10_000)
+    assert resumes == ["2"]
+    assert answer_text(page) == "Hello world"

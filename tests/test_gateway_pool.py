@@ -15,6 +15,8 @@ import redis
 
 from tests.stack import Stack, ask, sse_events, start_stack
 
+pytestmark = pytest.mark.integration
+
 MAX_CONNECTIONS = 4
 STREAMS = 24
 

@@ -18,7 +18,9 @@ def test_renew_all_refreshes_every_lease_and_spots_the_stolen_one() -> None:
     ids = [f"job-{i:04d}" for i in range(JOBS)]
     assert all(keeper.acquire(j) for j in ids)
     for j in ids:
-        redis.pexpire(keys.job_claim(j), 100)  # about to lapse
+        # Short of the 3 s a renewal gives, yet long enough not to lapse before renew_all
+        # reaches it on a busy machine (100 ms did: the test failed under load).
+        redis.pexpire(keys.job_claim(j), 1_500)
     redis.set(keys.job_claim(ids[7]), "w2", px=3000)  # another worker took this one
 
     keeper.renew_all()

@@ -764,6 +764,12 @@
         finishDone(turn, data);
         return true;
       case "error":
+        if (data.error && data.error.code === "gateway_shutdown" && turn.jobId) {
+          // The gateway is restarting, the answer is not lost: the stream ends now and
+          // follow() resumes it (Last-Event-ID) on whichever gateway answers next.
+          setStatus("The server is restarting. Resuming the answer…");
+          return false;
+        }
         failStream(turn, (data.error && data.error.message) || "The answer failed.");
         return true;
       default:
