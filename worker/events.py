@@ -5,6 +5,12 @@ stream id ``{seq}-0`` (so a reader resumes with ``XRANGE log {seq+1}-0 +``), ``E
 log with the first and the terminal event (a TTL, never MAXLEN: trimming would break resume
 cursors), then ``PUBLISH`` on the live channel. Because the log is written before the
 publish, a reader that subscribes first and then reads the log can never miss an event.
+
+**Fenced by the claim** (``owner``): a token is written by one script that first checks that
+the job's claim still names this worker, and the terminal event's transaction runs under
+``WATCH`` of the claim. A worker that lost its lease (paused past it, say, while another worker
+took the job over) therefore cannot put a single token into the log or the channel: the write
+raises :class:`Fenced` and the worker stops.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Literal
 
 from redis import Redis
+from redis.exceptions import WatchError
 
 from shared.errors import ErrorCode, ErrorInfo
 from shared.keys import Keys
@@ -25,13 +32,36 @@ Event = TokenEvent | DoneEvent | ErrorEvent
 PipelineHook = Callable[["Pipeline"], None]
 
 
+# KEYS: claim, log, channel. ARGV: owner, stream id, payload, TTL (0: leave it).
+_EMIT = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('XADD', KEYS[2], ARGV[2], 'e', ARGV[3])
+if tonumber(ARGV[4]) > 0 then redis.call('EXPIRE', KEYS[2], ARGV[4]) end
+redis.call('PUBLISH', KEYS[3], ARGV[3])
+return 1
+"""
+
+
+class Fenced(Exception):
+    """This worker no longer holds the job's claim: it must publish nothing more."""
+
+
 class EventPublisher:
     """Numbers and publishes the events of one job."""
 
     def __init__(
-        self, redis: Redis, keys: Keys, job_id: str, *, ttl_s: int, start_seq: int = 0
+        self,
+        redis: Redis,
+        keys: Keys,
+        job_id: str,
+        *,
+        ttl_s: int,
+        start_seq: int = 0,
+        owner: str | None = None,
     ) -> None:
         self._redis = redis
+        self._owner = owner  # the worker id the claim must hold; None: unfenced (tests)
+        self._emit_fenced = redis.register_script(_EMIT)
         self._keys = keys
         self.job_id = job_id
         self._ttl_s = ttl_s
@@ -48,20 +78,41 @@ class EventPublisher:
         """Log and publish ``event``; ``also`` adds commands to the same transaction."""
         payload = encode_event(event)
         log = self._keys.job_log(self.job_id)
-        pipe = self._redis.pipeline(transaction=True)
-        pipe.xadd(log, {"e": payload}, id=f"{event.seq}-0")
+        channel = self._keys.job_channel(self.job_id)
         # The TTL (far longer than any generation) is set with this publisher's first event
         # and renewed with the last, not on every token: one command less per token.
-        if not self._ttl_set or event.type != "token":
-            pipe.expire(log, self._ttl_s)
+        ttl = self._ttl_s if (not self._ttl_set or event.type != "token") else 0
+        if event.type == "token" and self._owner is not None:
+            claim = self._keys.job_claim(self.job_id)
+            ok = self._emit_fenced(
+                keys=[claim, log, channel], args=[self._owner, f"{event.seq}-0", payload, ttl]
+            )
+            if not ok:
+                raise Fenced(self.job_id)
+            self._ttl_set = True
+            return
+        pipe = self._redis.pipeline(transaction=True)
+        if self._owner is not None:  # terminal: the transaction runs only if the claim holds
+            claim = self._keys.job_claim(self.job_id)
+            pipe.watch(claim)  # type: ignore[no-untyped-call]
+            if pipe.get(claim) != self._owner:
+                pipe.reset()
+                raise Fenced(self.job_id)
+            pipe.multi()
+        pipe.xadd(log, {"e": payload}, id=f"{event.seq}-0")
+        if ttl:
+            pipe.expire(log, ttl)
             self._ttl_set = True
         if also is not None:
             also(pipe)
         if event.type != "token":
             for hook in self.on_terminal:
                 hook(pipe)
-        pipe.publish(self._keys.job_channel(self.job_id), payload)
-        pipe.execute()
+        pipe.publish(channel, payload)
+        try:
+            pipe.execute()
+        except WatchError:
+            raise Fenced(self.job_id) from None
         if event.type != "token":
             self.terminal_sent = True
 

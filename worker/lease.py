@@ -73,6 +73,12 @@ class LeaseKeeper:
     def lost(self, job_id: str) -> bool:
         return job_id in self._lost
 
+    def forfeit(self, job_id: str) -> None:
+        """Record that the claim was found taken (a fenced write said so) before a renewal did."""
+        with self._lock:
+            if job_id in self._held:
+                self._lost.add(job_id)
+
     def release(self, job_id: str, *, finished: bool) -> None:
         """Stop renewing; a finished job keeps a ``done:`` marker so it never runs again."""
         with self._lock:

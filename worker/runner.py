@@ -39,7 +39,7 @@ from worker.engines.base import (
     ImagesNotSupported,
     PromptTooLong,
 )
-from worker.events import EventPublisher
+from worker.events import EventPublisher, Fenced
 from worker.lease import LeaseKeeper
 
 if TYPE_CHECKING:
@@ -112,7 +112,12 @@ class JobRunner:
             self._leases.release(job.job_id, finished=True)
             return
         pub = EventPublisher(
-            self._redis, self._keys, job.job_id, ttl_s=self._config.job_ttl_s, start_seq=last_seq
+            self._redis,
+            self._keys,
+            job.job_id,
+            ttl_s=self._config.job_ttl_s,
+            start_seq=last_seq,
+            owner=self._config.worker_id,  # every write checks the claim (worker/events.py)
         )
         ref = job.conversation
         if ref is not None:
@@ -123,6 +128,9 @@ class JobRunner:
             self._cancels.begin(job.job_id)
         try:
             self._run_claimed(job, pub, sent)
+        except Fenced:
+            self._leases.forfeit(job.job_id)
+            logger.info("job %s: its claim is another worker's now; stopped", job.job_id)
         except (RedisError, OSError) as exc:
             if not self._leases.lost(job.job_id):
                 raise
@@ -192,19 +200,31 @@ class JobRunner:
         )
         started = self._clock()
         over_time = False
+        fenced = False
+
+        def on_text(text: str) -> None:
+            nonlocal fenced
+            if fenced:
+                return
+            try:
+                pub.token(text)
+            except Fenced:  # another worker holds the job now: stop, publish nothing more
+                fenced = True
+                self._leases.forfeit(job.job_id)
+                logger.info("job %s: claim taken over; its tokens are not published", job.job_id)
 
         def should_stop() -> bool:
             nonlocal over_time
             limit = job.max_generation_s
             if limit is not None and self._clock() - started > limit:
                 over_time = True
-            return over_time or self._should_stop(job.job_id)
+            return fenced or over_time or self._should_stop(job.job_id)
 
         try:
             result = self._engine.generate(
                 job.messages,
                 job.sampling,
-                on_text=pub.token,
+                on_text=on_text,
                 should_stop=should_stop,
                 images=images,
                 continue_text=sent,

@@ -1,0 +1,63 @@
+"""worker.events: every write of a job's events is fenced by its claim. A worker whose claim
+another worker holds now writes nothing — no token, no terminal event, nothing that the
+terminal transaction would store — to the log or the live channel."""
+
+from __future__ import annotations
+
+import fakeredis
+import pytest
+
+from shared.keys import Keys
+from shared.protocol import Usage
+from worker.events import EventPublisher, Fenced
+
+KEYS = Keys()
+JOB = "job-fenced-0001"
+
+
+def _setup() -> tuple[fakeredis.FakeRedis, EventPublisher, object]:
+    redis = fakeredis.FakeRedis(decode_responses=True)
+    redis.set(KEYS.job_claim(JOB), "w1", px=3000)
+    pubsub = redis.pubsub()
+    pubsub.subscribe(KEYS.job_channel(JOB))
+    pubsub.get_message(timeout=1)  # the subscribe confirmation
+    return redis, EventPublisher(redis, KEYS, JOB, ttl_s=60, owner="w1"), pubsub
+
+
+def _published(pubsub: object) -> list[str]:
+    out = []
+    while (msg := pubsub.get_message(timeout=0.05)) is not None:  # type: ignore[attr-defined]
+        out.append(msg["data"])
+    return out
+
+
+def test_the_holder_writes_and_a_stale_worker_writes_nothing() -> None:
+    redis, pub, pubsub = _setup()
+    pub.token("one ")
+    assert len(redis.xrange(KEYS.job_log(JOB))) == 1
+    assert len(_published(pubsub)) == 1
+    assert redis.ttl(KEYS.job_log(JOB)) > 0
+
+    redis.set(KEYS.job_claim(JOB), "w2", px=3000)  # the job was handed over to w2
+    with pytest.raises(Fenced):
+        pub.token("two ")
+    stored = []
+    with pytest.raises(Fenced):
+        pub.done(
+            "stop",
+            Usage(prompt_tokens=1, completion_tokens=2, total_tokens=3),
+            disclaimer=None,
+            also=lambda pipe: stored.append(pipe.rpush("mg:conv:x", "turn")),
+        )
+    assert len(redis.xrange(KEYS.job_log(JOB))) == 1  # nothing more in the log
+    assert _published(pubsub) == []  # nor on the channel
+    assert redis.exists("mg:conv:x") == 0  # the turn was not stored
+    assert not pub.terminal_sent
+
+
+def test_a_lapsed_claim_fences_too() -> None:
+    redis, pub, _ = _setup()
+    redis.delete(KEYS.job_claim(JOB))
+    with pytest.raises(Fenced):
+        pub.token("late ")
+    assert redis.exists(KEYS.job_log(JOB)) == 0
