@@ -15,8 +15,12 @@ KEYS = Keys()
 JOB = "job-fenced-0001"
 
 
+SERVER = fakeredis.FakeServer()
+
+
 def _setup() -> tuple[fakeredis.FakeRedis, EventPublisher, object]:
-    redis = fakeredis.FakeRedis(decode_responses=True)
+    redis = fakeredis.FakeRedis(server=SERVER, decode_responses=True)
+    redis.flushall()
     redis.set(KEYS.job_claim(JOB), "w1", px=3000)
     pubsub = redis.pubsub()
     pubsub.subscribe(KEYS.job_channel(JOB))
@@ -61,3 +65,28 @@ def test_a_lapsed_claim_fences_too() -> None:
     with pytest.raises(Fenced):
         pub.token("late ")
     assert redis.exists(KEYS.job_log(JOB)) == 0
+
+
+def test_a_lease_renewal_during_the_terminal_transaction_is_not_a_fence() -> None:
+    """The lease keeper renews the claim (same value) while the terminal event's transaction
+    watches it: the transaction is retried and the event written once."""
+    redis, pub, pubsub = _setup()
+    renewer = fakeredis.FakeRedis(server=SERVER)
+    renewals = []
+
+    def renew_once(pipe: object) -> None:
+        if not renewals:
+            renewals.append(renewer.set(KEYS.job_claim(JOB), "w1", px=3000))
+
+    pub.done(
+        "stop",
+        Usage(prompt_tokens=1, completion_tokens=0, total_tokens=1),
+        disclaimer=None,
+        also=renew_once,
+    )
+    assert renewals == [True]
+    assert [e for _id, e in redis.xrange(KEYS.job_log(JOB))] and len(
+        redis.xrange(KEYS.job_log(JOB))
+    ) == 1
+    assert len(_published(pubsub)) == 1
+    assert pub.terminal_sent

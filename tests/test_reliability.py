@@ -269,7 +269,7 @@ def test_a_full_line_says_429_with_retry_after_and_waiters_see_their_place(
     assert full.json()["error"]["code"] == "queue_full"
     assert 1 <= int(full.headers["retry-after"]) <= 60
     for name in ("a", "b", "c"):
-        assert results[name][-1][0] == "done"
+        assert results[name][-1][0] == "done", (name, results[name][-2:])
     places = [json.loads(d) for ev, d in results["c"] if ev == "queued"]
     assert places, "c waited and was told its place in line"
     assert places[0]["position"] == 2 and places[0]["eta_s"] > 0

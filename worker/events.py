@@ -42,6 +42,10 @@ return 1
 """
 
 
+#: Tries of a terminal transaction whose WATCHed claim was touched meanwhile.
+WATCH_ATTEMPTS = 5
+
+
 class Fenced(Exception):
     """This worker no longer holds the job's claim: it must publish nothing more."""
 
@@ -91,30 +95,46 @@ class EventPublisher:
                 raise Fenced(self.job_id)
             self._ttl_set = True
             return
-        pipe = self._redis.pipeline(transaction=True)
-        if self._owner is not None:  # terminal: the transaction runs only if the claim holds
-            claim = self._keys.job_claim(self.job_id)
-            pipe.watch(claim)  # type: ignore[no-untyped-call]
-            if pipe.get(claim) != self._owner:
-                pipe.reset()
-                raise Fenced(self.job_id)
-            pipe.multi()
-        pipe.xadd(log, {"e": payload}, id=f"{event.seq}-0")
-        if ttl:
-            pipe.expire(log, ttl)
-            self._ttl_set = True
-        if also is not None:
-            also(pipe)
-        if event.type != "token":
-            for hook in self.on_terminal:
-                hook(pipe)
-        pipe.publish(channel, payload)
-        try:
-            pipe.execute()
-        except WatchError:
-            raise Fenced(self.job_id) from None
+        for _attempt in range(WATCH_ATTEMPTS):
+            try:
+                self._transaction(event, payload, log, channel, ttl, also)
+                break
+            except WatchError:
+                # The claim was touched between WATCH and EXEC: usually this worker's own lease
+                # renewal, which leaves it ours. Look again (the next attempt re-checks it).
+                continue
+        else:
+            raise Fenced(self.job_id)
+        self._ttl_set = self._ttl_set or bool(ttl)
         if event.type != "token":
             self.terminal_sent = True
+
+    def _transaction(
+        self,
+        event: Event,
+        payload: str,
+        log: str,
+        channel: str,
+        ttl: int,
+        also: PipelineHook | None,
+    ) -> None:
+        with self._redis.pipeline(transaction=True) as pipe:
+            if self._owner is not None:  # the transaction runs only if the claim still holds
+                claim = self._keys.job_claim(self.job_id)
+                pipe.watch(claim)  # type: ignore[no-untyped-call]
+                if pipe.get(claim) != self._owner:
+                    raise Fenced(self.job_id)
+                pipe.multi()
+            pipe.xadd(log, {"e": payload}, id=f"{event.seq}-0")
+            if ttl:
+                pipe.expire(log, ttl)
+            if also is not None:
+                also(pipe)
+            if event.type != "token":
+                for hook in self.on_terminal:
+                    hook(pipe)
+            pipe.publish(channel, payload)
+            pipe.execute()
 
     def token(self, text: str) -> None:
         self.emit(TokenEvent(job_id=self.job_id, seq=self._next(), text=text))
