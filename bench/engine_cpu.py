@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -225,6 +224,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.child:
         print(json.dumps(_child(args)))
         return 0
+    from bench.serve import machine_info
+
     tiny = None
     if args.model == "tiny":
         from devstack.tiny_gemma import build_tiny_gemma
@@ -246,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
             "command": " ".join(["python", "bench/engine_cpu.py", *(argv or sys.argv[1:])]),
             "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "wall_seconds": round(time.time() - started, 1),
-            "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
+            "machine": machine_info(),
             "prompts": PROMPTS,
             "new_tokens": args.new_tokens,
             "results": results,

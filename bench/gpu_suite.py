@@ -37,7 +37,6 @@ import functools
 import gc
 import json
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -268,16 +267,12 @@ def stack_overhead(folder: Path, args: argparse.Namespace, workdir: Path) -> dic
 
 
 def environment(device: str) -> dict[str, Any]:
+    """bench/serve.py's machine record, plus the device and the quantization libraries."""
     import torch
-    import transformers
 
-    env: dict[str, Any] = {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "device": device,
-        "cpu": platform.processor() or platform.machine(),
-    }
+    from bench.serve import machine_info
+
+    env: dict[str, Any] = {**machine_info(), "device": device}
     for pkg in ("torchao", "bitsandbytes"):
         try:
             env[pkg] = __import__(pkg).__version__

@@ -15,7 +15,7 @@ from pydantic import BaseModel
 from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
 
-from shared.keys import Keys
+from shared.keys import DONE_PREFIX, Keys
 from shared.protocol import ChatMessage
 
 #: How long a cancel request of an erased conversation's job stays readable by a late worker.
@@ -106,7 +106,7 @@ class ConversationStore:
         pipe.delete(jobs_key)
         pipe.delete(self._keys.conversation_lock(user_id, conversation_id))
         for job_id, holder in zip(job_ids, claims, strict=True):
-            if holder is not None and str(holder).startswith("done:"):  # finished: erase all
+            if holder is not None and str(holder).startswith(DONE_PREFIX):  # finished: erase all
                 pipe.delete(*self._keys.job_keys(job_id))
                 continue
             claim = self._keys.job_claim(job_id)  # queued or running: cancel it

@@ -35,6 +35,7 @@ from __future__ import annotations
 import hashlib
 
 MAX_HANDOVERS = 2  # how many times a job may move to another worker after a worker died
+DONE_PREFIX = "done:"  # a finished job's claim: ``done:<worker id>`` (it never runs again)
 
 
 def owner_tag(user_id: str) -> str:

@@ -7,6 +7,7 @@ disk exactly as it would load MedGemma 4B.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -210,6 +211,28 @@ def start_stack(
         stack.stop()
         raise
     return stack
+
+
+@contextlib.contextmanager
+def slow_model_stack(
+    workdir: Path,
+    tiny_dir: Path,
+    *,
+    workers: int = 1,
+    only: set[str] | None = None,
+    settings: dict[str, str] | None = None,
+) -> Iterator[Stack]:
+    """A stack of a test module's own, for failure cases: Redis, the gateway and ``workers``
+    workers of the 20 tokens/s ``slow-model`` (load-test engine). Stopped however it ends."""
+    stack = start_stack(
+        workdir, tiny_dir, workers=0, only=only or {"slow-model"}, settings=settings
+    )
+    try:
+        for _ in range(workers):
+            stack.add_worker("slow-model")
+        yield stack
+    finally:
+        stack.stop()
 
 
 def events_of(source: EventSource) -> Iterator[ServerSentEvent]:

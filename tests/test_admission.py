@@ -12,7 +12,7 @@ import httpx
 import pytest
 from redis import Redis
 
-from tests.stack import Stack, ask, sse_events, start_stack, tokens
+from tests.stack import Stack, ask, slow_model_stack, sse_events, tokens
 from tests.test_reliability import wait_for_done
 
 pytestmark = pytest.mark.integration
@@ -26,16 +26,11 @@ PNG = (
 
 @pytest.fixture(scope="module")
 def limited(tmp_path_factory: pytest.TempPathFactory, tiny_gemma_dir: Path) -> Iterator[Stack]:
-    s = start_stack(
-        tmp_path_factory.mktemp("admission"),
-        tiny_gemma_dir,
-        workers=0,
-        only={"smollm2-demo", "slow-model"},
-        settings={"GATEWAY_MAX_CONCURRENT_STREAMS": str(STREAMS)},
-    )
-    s.add_worker("slow-model")
-    yield s
-    s.stop()
+    settings = {"GATEWAY_MAX_CONCURRENT_STREAMS": str(STREAMS)}
+    workdir = tmp_path_factory.mktemp("admission")
+    only = {"smollm2-demo", "slow-model"}
+    with slow_model_stack(workdir, tiny_gemma_dir, only=only, settings=settings) as s:
+        yield s
 
 
 def _slots_held(stack: Stack) -> int:

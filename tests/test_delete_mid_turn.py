@@ -10,19 +10,15 @@ from pathlib import Path
 import pytest
 from redis import Redis
 
-from tests.stack import Stack, ask, sse_events, start_stack, stream_in_background
+from tests.stack import Stack, ask, slow_model_stack, sse_events, stream_in_background
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
 def slow(tmp_path_factory: pytest.TempPathFactory, tiny_gemma_dir: Path) -> Iterator[Stack]:
-    s = start_stack(
-        tmp_path_factory.mktemp("delete"), tiny_gemma_dir, workers=0, only={"slow-model"}
-    )
-    s.add_worker("slow-model")
-    yield s
-    s.stop()
+    with slow_model_stack(tmp_path_factory.mktemp("delete"), tiny_gemma_dir) as s:
+        yield s
 
 
 def test_delete_during_a_turn_cancels_it_and_frees_the_conversation(slow: Stack) -> None:

@@ -19,18 +19,16 @@ import pytest
 from redis import Redis
 
 from devstack.processes import wait_ready
-from tests.stack import Stack, ask, sse_events, start_stack, stream_in_background
+from tests.stack import Stack, ask, slow_model_stack, sse_events, stream_in_background
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
 def single(tmp_path_factory: pytest.TempPathFactory, tiny_gemma_dir: Path) -> Iterator[Stack]:
-    s = start_stack(
-        tmp_path_factory.mktemp("gives-up"), tiny_gemma_dir, workers=0, only={"slow-model"}
-    )
-    yield s
-    s.stop()
+    """No worker yet: each test starts the ones it needs."""
+    with slow_model_stack(tmp_path_factory.mktemp("gives-up"), tiny_gemma_dir, workers=0) as s:
+        yield s
 
 
 def test_a_turn_the_gateway_gives_up_frees_the_conversation(single: Stack) -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.stack import Stack, ask, sse_events, start_stack, tokens
+from tests.stack import Stack, ask, slow_model_stack, sse_events, tokens
 
 pytestmark = pytest.mark.integration
 
@@ -20,16 +20,9 @@ LIMIT_S = 1.5  # the slow-model would need 10 s (200 tokens at 20/s)
 
 @pytest.fixture(scope="module")
 def bounded(tmp_path_factory: pytest.TempPathFactory, tiny_gemma_dir: Path) -> Iterator[Stack]:
-    s = start_stack(
-        tmp_path_factory.mktemp("limit"),
-        tiny_gemma_dir,
-        workers=0,
-        only={"slow-model"},
-        settings={"GATEWAY_MAX_GENERATION_S": str(LIMIT_S)},
-    )
-    s.add_worker("slow-model")
-    yield s
-    s.stop()
+    settings = {"GATEWAY_MAX_GENERATION_S": str(LIMIT_S)}
+    with slow_model_stack(tmp_path_factory.mktemp("limit"), tiny_gemma_dir, settings=settings) as s:
+        yield s
 
 
 def test_an_answer_past_the_generation_limit_ends_with_length(bounded: Stack) -> None:

@@ -13,20 +13,15 @@ from pathlib import Path
 import pytest
 from redis import Redis
 
-from tests.stack import Stack, ask, start_stack, stream_in_background
+from tests.stack import Stack, ask, slow_model_stack, stream_in_background
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory: pytest.TempPathFactory, tiny_gemma_dir: Path) -> Iterator[Stack]:
-    s = start_stack(
-        tmp_path_factory.mktemp("stale"), tiny_gemma_dir, workers=0, only={"slow-model"}
-    )
-    s.add_worker("slow-model")
-    s.add_worker("slow-model")
-    yield s
-    s.stop()
+    with slow_model_stack(tmp_path_factory.mktemp("stale"), tiny_gemma_dir, workers=2) as s:
+        yield s
 
 
 def test_a_resumed_stale_worker_publishes_nothing(pair: Stack) -> None:

@@ -20,7 +20,7 @@ import threading
 from redis import Redis
 from redis.exceptions import RedisError
 
-from shared.keys import Keys
+from shared.keys import DONE_PREFIX, Keys
 
 logger = logging.getLogger(__name__)
 
@@ -30,12 +30,10 @@ return 0
 """
 _FINISH = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then
-  return redis.call('SET', KEYS[1], 'done:' .. ARGV[1], 'EX', ARGV[2])
+  return redis.call('SET', KEYS[1], ARGV[3] .. ARGV[1], 'EX', ARGV[2])
 end
 return 0
 """
-
-DONE_PREFIX = "done:"
 
 
 class LeaseKeeper:
@@ -87,7 +85,8 @@ class LeaseKeeper:
         if finished:
             try:
                 self._finish(
-                    keys=[self._keys.job_claim(job_id)], args=[self.worker_id, self._done_ttl_s]
+                    keys=[self._keys.job_claim(job_id)],
+                    args=[self.worker_id, self._done_ttl_s, DONE_PREFIX],
                 )
             except RedisError as exc:
                 logger.warning("job %s: could not mark done: %s", job_id, type(exc).__name__)

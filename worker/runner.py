@@ -200,25 +200,22 @@ class JobRunner:
         )
         started = self._clock()
         over_time = False
-        fenced = False
 
         def on_text(text: str) -> None:
-            nonlocal fenced
-            if fenced:
-                return
+            if self._leases.lost(job.job_id):
+                return  # another worker holds the job now: publish nothing more
             try:
                 pub.token(text)
-            except Fenced:  # another worker holds the job now: stop, publish nothing more
-                fenced = True
+            except Fenced:  # found out by the write itself: the job counts as lost from now
                 self._leases.forfeit(job.job_id)
                 logger.info("job %s: claim taken over; its tokens are not published", job.job_id)
 
-        def should_stop() -> bool:
+        def should_stop() -> bool:  # a lost lease stops it too (_should_stop)
             nonlocal over_time
             limit = job.max_generation_s
             if limit is not None and self._clock() - started > limit:
                 over_time = True
-            return fenced or over_time or self._should_stop(job.job_id)
+            return over_time or self._should_stop(job.job_id)
 
         try:
             result = self._engine.generate(

@@ -96,8 +96,9 @@ class BatchStream:
                     raise BatchUnavailable("the batch's dispatcher died")
                 if out.error:
                     raise BatchUnavailable("continuous batching failed this request")
-                tokens = list(out.generated_tokens)  # streaming: everything so far
-                new = tokens[len(self.generated) :]
+                # Streaming outputs carry everything so far: take only what is new (a slice,
+                # not a copy of the whole answer at every step).
+                new = list(out.generated_tokens[len(self.generated) :])
                 if new:
                     self.generated.extend(new)
                     yield new
