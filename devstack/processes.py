@@ -103,8 +103,16 @@ def spawn(name: str, argv: list[str], env: Mapping[str, str], log_path: Path | N
 
 
 def start_redis(
-    port: int, workdir: Path, log_path: Path | None = None, password: str | None = None
+    port: int,
+    workdir: Path,
+    log_path: Path | None = None,
+    password: str | None = None,
+    *,
+    appendonly: bool = False,
 ) -> Proc:
+    """A redis-server on ``port`` with its data in ``workdir``. ``appendonly``: persist every
+    write to an append-only file there, as the compose Redis does, so a server restarted on
+    the same ``workdir`` comes back with its data."""
     workdir.mkdir(parents=True, exist_ok=True)
     argv = [
         redis_server_binary(),
@@ -117,7 +125,7 @@ def start_redis(
         "--save",
         "",
         "--appendonly",
-        "no",
+        "yes" if appendonly else "no",
     ]
     if password:
         argv += ["--requirepass", password]

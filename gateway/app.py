@@ -109,7 +109,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
             resume_grace_s=settings.gateway_resume_grace_s,
             queues={m.model_name: m.queue for m in registry.models},
             book=QueueBook(redis, keys, queue_timeout_s=settings.gateway_queue_timeout_s),
-            conversations=conversations,
+            outage_s=settings.gateway_redis_outage_s,
         )
         chat = ChatService(
             jobs,

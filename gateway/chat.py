@@ -31,6 +31,7 @@ from shared.protocol import (
     Job,
     JobMeta,
     SamplingParams,
+    SlotRef,
     TextPart,
 )
 from shared.registry import ModelEntry
@@ -90,10 +91,12 @@ class ChatService:
         api: Literal["medgemma", "openai"],
         include_usage: bool = False,
         earlier: Sequence[PendingMessage] = (),
+        slot: SlotRef | None = None,
     ) -> AsyncIterator[Turn]:
         """Submit one turn. With ``conversation_id`` the stored history is the context and
         the finished turn is stored; without it the turn is stateless (``earlier`` is the
-        context the client sent)."""
+        context the client sent). ``slot`` (the stream slot this turn holds) travels with
+        the job: the terminal step releases it."""
         self._check_images(entry, [new, *earlier])
         job_id = new_id()
         ref: ConversationRef | None = None
@@ -137,6 +140,7 @@ class ChatService:
                 messages=messages,
                 sampling=sampling,
                 conversation=ref,
+                slot=slot,
                 enqueued_at=now,
                 start_deadline=now + self._queue_timeout_s,
                 max_generation_s=self._max_generation_s,

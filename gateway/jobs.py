@@ -2,10 +2,9 @@
 
 ``submit`` checks that a live worker serves the model (heartbeats; 503 at once if none),
 subscribes to the job's channel, and only then sends the Celery task by name to the model's
-queue — the gateway never imports the worker. ``follow`` yields the job's events with the
-deadlines that make sure no client waits forever: a job must start before its start deadline
-(plus a grace for the worker to report), and a running job must not stay silent longer than
-the idle timeout.
+queue — the gateway never imports the worker. ``follow`` yields the job's events while
+:mod:`gateway.supervision` makes sure no client waits forever (deadlines, handover, fenced
+ends).
 """
 
 from __future__ import annotations
@@ -23,20 +22,16 @@ from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
 from redis.exceptions import RedisError
 
-from gateway.conversations import ConversationStore
 from gateway.errors import APIError
 from gateway.images import RawImage
 from gateway.queueing import QueueBook
-from gateway.relay import Event, Relay, RelayUnavailable, Subscription
-from shared.errors import ErrorCode, ErrorInfo
-from shared.keys import MAX_HANDOVERS, Keys
-from shared.protocol import GENERATE_TASK, ErrorEvent, Job, JobMeta, QueuedEvent
+from gateway.relay import Relay, Subscription
+from gateway.supervision import REPORT_GRACE_S, StreamEvent, Supervisor
+from shared.errors import ErrorCode
+from shared.keys import Keys
+from shared.protocol import GENERATE_TASK, Job, JobMeta
 
 logger = logging.getLogger(__name__)
-
-StreamEvent = Event | QueuedEvent  # what a client's stream carries
-REPORT_GRACE_S = 5.0
-LEASE_CHECK_S = 1.0  # how often a silent job's lease is looked at
 
 
 def unavailable(message: str) -> APIError:
@@ -57,10 +52,9 @@ class JobService:
         resume_grace_s: float,
         queues: dict[str, str] | None = None,
         book: QueueBook,
-        conversations: ConversationStore | None = None,
+        outage_s: float = 15.0,
     ) -> None:
         self._redis = redis
-        self._conversations = conversations
         self._relay = relay
         self._celery = celery
         self._keys = keys
@@ -71,6 +65,21 @@ class JobService:
         self._pending: set[asyncio.Task[None]] = set()
         self._queues: dict[str, str] = dict(queues or {})
         self.book = book
+        self.supervisor = Supervisor(
+            self, idle_timeout_s=idle_timeout_s, job_ttl_s=job_ttl_s, outage_s=outage_s
+        )
+
+    @property
+    def redis(self) -> Redis:
+        return self._redis
+
+    @property
+    def relay(self) -> Relay:
+        return self._relay
+
+    @property
+    def keys(self) -> Keys:
+        return self._keys
 
     # -- job records, cancellation, watchers -------------------------------------------------
 
@@ -235,160 +244,21 @@ class JobService:
     def first_timeout(self, job: Job) -> float:
         return max(0.0, job.start_deadline - time.time()) + REPORT_GRACE_S
 
-    async def follow(
+    def follow(
         self, sub: Subscription, job_id: str, *, first_timeout_s: float, after_seq: int = 0
     ) -> AsyncIterator[StreamEvent]:
-        """The job's events, supervising the job while waiting for them.
-
-        Every ``LEASE_CHECK_S`` of silence the job's claim is looked at: held by a worker
-        (running: wait, up to the idle timeout), absent and never seen (still queued: wait, up
-        to the start deadline), or lapsed after it was seen (the worker died: hand the job
-        over to another worker, which continues from the text already sent). A synthetic
-        error event ends the stream when the job cannot go on."""
-        last = after_seq
-        now = time.monotonic()
-        last_event_at = now
-        deadline = now + (first_timeout_s if after_seq == 0 else self._idle_timeout_s)
-        claimed = after_seq > 0
-        owner: str | None = None  # the worker last seen holding the job
-        progressing = after_seq > 0  # tokens flow: silence is bounded by the idle timeout
-        handed_over = False  # re-enqueued after its worker was lost, not yet claimed again
-        model: str | None = None
-        place: tuple[int, float] | None = None
-        while True:
-            try:
-                async for event in self._relay.events(
-                    sub, after_seq=last, first_timeout_s=LEASE_CHECK_S, idle_timeout_s=LEASE_CHECK_S
-                ):
-                    last, last_event_at, claimed = event.seq, time.monotonic(), True
-                    progressing, handed_over = True, False
-                    yield event
-                return  # events() ends after a terminal event
-            except TimeoutError:
-                pass
-            except (RelayUnavailable, RedisError, OSError) as exc:
-                # The relay lost Redis, or a read of the job's log failed (no connection
-                # free in time, say): the stream ends with an event, never a broken response.
-                logger.warning("job %s: stream lost Redis (%s)", job_id, type(exc).__name__)
-                yield _lost_redis(job_id, last + 1)
-                return
-            now = time.monotonic()
-            try:
-                claim = await self._redis.get(self._keys.job_claim(job_id))
-            except (RedisError, OSError):
-                claim = "?"  # the relay reports the outage
-            if claim is not None:  # a worker holds it (or it just finished)
-                claimed = True
-                handed_over = False
-                owner = str(claim)
-                # Before the first token (queue wait, prefill) the start deadline bounds the
-                # wait; once tokens flow, the idle timeout does.
-                if (progressing and now - last_event_at > self._idle_timeout_s) or (
-                    not progressing and now > deadline
-                ):
-                    yield await self._give_up(
-                        job_id,
-                        last + 1,
-                        ErrorCode.WORKER_TIMEOUT,
-                        "The worker stopped responding in the middle of this answer.",
-                    )
-                    return
-            elif (claimed or last > 0) and not handed_over:
-                try:
-                    outcome = await self._hand_over(job_id, owner)
-                except (RedisError, OSError):
-                    yield _lost_redis(job_id, last + 1)
-                    return
-                if isinstance(outcome, str):
-                    yield await self._give_up(job_id, last + 1, ErrorCode.WORKER_LOST, outcome)
-                    return
-                # Handed over: the job waits in line like a new one (queued events, the
-                # start deadline), until a worker claims it; it is not handed over again
-                # before one has.
-                claimed = progressing = False
-                handed_over = True
-                last_event_at = now
-                deadline = now + outcome
-                place = None
-            elif now <= deadline:
-                try:
-                    model = model or await self._model_of(job_id)
-                    where = await self.book.position(model, job_id) if model else None
-                except (RedisError, OSError):
-                    where = None  # only the place in line is unknown; the wait goes on
-                if where is not None and where != place:
-                    place = where
-                    yield QueuedEvent(job_id=job_id, position=where[0], eta_s=where[1])
-            else:
-                yield await self._give_up(
-                    job_id,
-                    last + 1,
-                    ErrorCode.WORKER_TIMEOUT,
-                    "No worker started this request in time. Try again later.",
-                )
-                return
-
-    async def _give_up(self, job_id: str, seq: int, code: ErrorCode, message: str) -> ErrorEvent:
-        """End a job the gateway can no longer follow: log it, cancel it (a worker that still
-        has it, or takes it later, stops and stores nothing), and free its conversation for
-        the next turn (the worker that would have released the lock is gone or stuck)."""
-        logger.warning("job %s ended by the gateway: %s", job_id, code.value)
-        try:
-            await self.cancel(job_id)
-            raw = await self._redis.get(self._keys.job_payload(job_id))
-            ref = Job.model_validate_json(raw).conversation if raw is not None else None
-            if ref is not None and self._conversations is not None:
-                await self._conversations.unlock(ref.user_id, ref.conversation_id, job_id)
-        except (RedisError, OSError) as exc:
-            logger.warning(
-                "job %s: could not cancel it or free its conversation: %s",
-                job_id,
-                type(exc).__name__,
-            )
-        return _error(job_id, seq, code, message)
-
-    async def _model_of(self, job_id: str) -> str | None:
-        meta = await self.meta(job_id)
-        return meta.model if meta else None
-
-    async def _hand_over(self, job_id: str, lost: str | None) -> str | float:
-        """Re-enqueue a job whose worker was lost. Returns why it cannot go on, or how long
-        it may wait in line for a worker (its queue timeout, from now)."""
-        raw = await self._redis.get(self._keys.job_payload(job_id))
-        if raw is None:
-            return "The worker running this answer was lost and the job has expired."
-        job = Job.model_validate_json(raw)
-        n = job.handover + 1
-        if n > MAX_HANDOVERS:
-            return "The answer failed on several workers in a row; try again later."
-        if await self.live_workers(job.model, besides=lost) == 0:
-            return "The worker running this answer was lost and no other worker serves this model."
-        guard = self._keys.job_handover(job_id, n)
-        wait = job.start_deadline - job.enqueued_at
-        if not await self._redis.set(guard, "1", nx=True, ex=self._job_ttl_s):
-            return wait  # another gateway process already handed it over
-        moved = job.model_copy(update={"handover": n, "start_deadline": time.time() + wait})
-        await self._redis.set(
-            self._keys.job_payload(job_id), moved.model_dump_json(), ex=self._job_ttl_s
+        """The job's events, supervised (see :mod:`gateway.supervision`)."""
+        return self.supervisor.follow(
+            sub, job_id, first_timeout_s=first_timeout_s, after_seq=after_seq
         )
-        await self.book.book(moved)
-        await anyio.to_thread.run_sync(self._send, moved, self._queues.get(job.model, job.model))
-        logger.warning("job %s: worker lost; handed over (attempt %d)", job_id, n)
-        return wait
 
-
-def _lost_redis(job_id: str, seq: int) -> ErrorEvent:
-    return _error(
-        job_id,
-        seq,
-        ErrorCode.REDIS_UNAVAILABLE,
-        "The connection to the job queue was lost; the answer cannot continue.",
-    )
-
-
-def _error(job_id: str, seq: int, code: ErrorCode, message: str) -> ErrorEvent:
-    info = ErrorInfo(message=message, type="server_error", code=code.value)
-    return ErrorEvent(job_id=job_id, seq=seq, error=info)
+    async def resend(self, job: Job) -> None:
+        """Put a handed-over job (its payload updated) back in line and on its queue."""
+        await self._redis.set(
+            self._keys.job_payload(job.job_id), job.model_dump_json(), ex=self._job_ttl_s
+        )
+        await self.book.book(job)
+        await anyio.to_thread.run_sync(self._send, job, self._queues.get(job.model, job.model))
 
 
 def status_for(code: str) -> int:

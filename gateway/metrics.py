@@ -50,7 +50,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 
 from gateway.audit import AuditRecord
 from gateway.fleet import ModelFleet
-from gateway.jobs import StreamEvent
+from gateway.supervision import Interrupted, StreamEvent
 from shared.errors import ErrorCode
 from shared.protocol import DoneEvent, ErrorEvent, QueuedEvent, TokenEvent
 
@@ -228,7 +228,7 @@ class StreamTimer:
         if not self._new_turn or isinstance(event, QueuedEvent):
             return
         if self._submitted is not None and not (
-            isinstance(event, ErrorEvent) and event.error.code in _GATEWAY_ERRORS
+            isinstance(event, ErrorEvent | Interrupted) and event.error.code in _GATEWAY_ERRORS
         ):
             self._m.queue_wait.labels(model=self._model).observe(max(0.0, at - self._submitted))
             self._submitted = None  # observed once: the first event from the worker

@@ -40,6 +40,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from shared.keys import owner_tag
+from shared.protocol import SlotRef
 
 logger = logging.getLogger(__name__)
 
@@ -104,6 +105,12 @@ class Slot:
         self._redis, self._key, self._token = redis, key, token
         self._released = redis is None
         self.handed_over = False
+
+    @property
+    def ref(self) -> SlotRef | None:
+        """The slot as a job carries it (None when nothing was taken), so the terminal step
+        of the job, on either side, can release it."""
+        return None if self._redis is None else SlotRef(key=self._key, member=self._token)
 
     def hand_over(self) -> contextlib.AbstractAsyncContextManager[None]:
         """Pass the slot to a longer-lived owner (the stream): the admission scope no longer

@@ -9,7 +9,10 @@ at most once).
 Events are de-duplicated and gap-checked by sequence number: if a subscriber's queue
 overflows (a slow client) or the connection drops, the subscription falls back to the replay
 log (``XRANGE log {seq+1}-0 +``), so memory stays bounded and nothing is lost. If Redis goes
-away, every open subscription is told at once and its stream ends with an error event.
+away, the reader keeps reconnecting (redis-py re-subscribes every channel on reconnect) and
+marks every subscription as having missed messages; their readers fail while Redis is down
+(:mod:`gateway.supervision` bridges that, up to its outage allowance) and read the log from
+their last event once it is back.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ QUEUE_BOUND = 1024
 
 
 class RelayUnavailable(ConnectionError):
-    """The relay lost Redis; the stream cannot go on."""
+    """The relay has stopped (the gateway is going away); the stream cannot go on."""
 
 
 class StreamInterrupted(Exception):
@@ -60,6 +63,12 @@ class Subscription:
             self.queue.put_nowait(data)
         except asyncio.QueueFull:
             self.overflowed = True  # the reader backfills from the log
+
+    def missed(self) -> None:
+        """Messages may have been lost (the connection dropped): read the log next."""
+        self.overflowed = True
+        with contextlib.suppress(asyncio.QueueFull):  # a full queue is read from at once
+            self.queue.put_nowait(_WAKE)
 
     def break_(self) -> None:
         self.broken = True
@@ -108,10 +117,10 @@ class Relay:
             except asyncio.CancelledError:
                 raise
             except (RedisError, OSError) as exc:
-                logger.warning("relay lost Redis (%s); ending open streams", type(exc).__name__)
+                logger.warning("relay lost Redis (%s); reconnecting", type(exc).__name__)
                 for subs in list(self._subs.values()):
                     for sub in subs:
-                        sub.break_()
+                        sub.missed()
                 await asyncio.sleep(0.5)
                 continue
             if msg is None:
@@ -189,7 +198,12 @@ class Relay:
             if sub.interrupted:
                 raise StreamInterrupted
             if sub.broken:
-                raise RelayUnavailable("lost the connection to Redis")
+                raise RelayUnavailable("the relay has stopped")
+            if sub.overflowed:  # messages were dropped (a full queue, a lost connection)
+                sub.overflowed = False
+                pending = await self.backfill(sub.job_id, last)
+                if pending:
+                    continue
             try:
                 if sub.queue.empty():  # (asyncio.timeout: no task per event, unlike wait_for)
                     async with asyncio.timeout(timeout):
@@ -203,12 +217,11 @@ class Relay:
                     continue
                 raise
             if data is None:
-                raise RelayUnavailable("lost the connection to Redis")
+                raise RelayUnavailable("the relay has stopped")
             if data == _WAKE:
                 continue
             event = decode_event(data)
-            if event.seq > last + 1 or sub.overflowed:
-                sub.overflowed = False
+            if event.seq > last + 1:
                 pending = await self.backfill(sub.job_id, last)
             else:
                 pending = [event]

@@ -40,6 +40,12 @@ class GatewaySettings(CommonSettings):
         description="Longest silence between two events of a running job before the stream "
         "ends with a worker_timeout error.",
     )
+    gateway_redis_outage_s: float = Field(
+        default=15.0,
+        gt=0,
+        description="How long an open stream rides out a Redis outage (reconnecting, then "
+        "reading the job's log from its last event) before it ends with redis_unavailable.",
+    )
     gateway_max_generation_s: float = Field(
         default=600.0,
         gt=0,

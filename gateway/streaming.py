@@ -23,13 +23,15 @@ from gateway.audit import prompt_digest
 from gateway.auditing import AuditInfo
 from gateway.chat import ChatService
 from gateway.errors import ClientLeft
-from gateway.jobs import JobService, StreamEvent
+from gateway.jobs import JobService
 from gateway.metrics import StreamTimer
+from gateway.ratelimit import Slot
 from gateway.relay import StreamInterrupted, Subscription
+from gateway.supervision import Interrupted, Relayed, StreamEvent
 from shared.errors import ErrorCode, ErrorInfo
-from shared.protocol import TERMINAL_TYPES, DoneEvent, ErrorEvent, Job, QueuedEvent, TokenEvent
+from shared.protocol import TERMINAL_TYPES, DoneEvent, ErrorEvent, Job, TokenEvent
 
-Frames = Callable[[StreamEvent], Iterable[ServerSentEvent]]
+Frames = Callable[[Relayed], Iterable[ServerSentEvent]]
 SHUTDOWN_GRACE_S = 2.0  # below uvicorn's graceful-shutdown timeout (gateway/__main__.py)
 
 
@@ -73,17 +75,18 @@ class JobStream:
         cls,
         chat: ChatService,
         *,
-        hold: contextlib.AbstractAsyncContextManager[None],
+        slot: Slot,
         audit: AuditInfo,
         observer: StreamTimer | None = None,
         **start: Any,
     ) -> JobStream:
-        """Submit a new turn (see :meth:`ChatService.start`) and follow it. ``hold`` (a rate
-        limiter's stream slot) is taken first and released when the stream ends."""
+        """Submit a new turn (see :meth:`ChatService.start`) and follow it. ``slot`` (the
+        admission's stream slot) is handed to the stream, released when it ends, and also
+        carried by the job, whose terminal step releases it first."""
         stack = contextlib.AsyncExitStack()
         try:
-            await stack.enter_async_context(hold)
-            turn = await stack.enter_async_context(chat.start(**start))
+            await stack.enter_async_context(slot.hand_over())
+            turn = await stack.enter_async_context(chat.start(slot=slot.ref, **start))
         except BaseException:
             await stack.aclose()
             raise
@@ -147,7 +150,7 @@ class JobStream:
             )
         return self._iter
 
-    async def early_error(self, wait_s: float) -> ErrorEvent | None:
+    async def early_error(self, wait_s: float) -> ErrorInfo | None:
         """Wait up to ``wait_s`` for the first event; return it if the job already failed.
 
         Lets a stream that fails at once (a prompt over the context limit, say) answer with a
@@ -158,10 +161,10 @@ class JobStream:
         done, _ = await asyncio.wait({self._first}, timeout=wait_s)
         if done and not self._first.cancelled() and self._first.exception() is None:
             event = self._first.result()
-            if isinstance(event, ErrorEvent):
+            if isinstance(event, ErrorEvent | Interrupted):
                 self._note(event)
                 await self.close()
-                return event
+                return event.error
         return None
 
     def _note(self, event: StreamEvent) -> None:
@@ -173,7 +176,7 @@ class JobStream:
             self._audit.outcome = "ok" if event.finish_reason != "cancelled" else "cancelled"
             self._audit.prompt_tokens = event.usage.prompt_tokens
             self._audit.completion_tokens = event.usage.completion_tokens
-        elif isinstance(event, ErrorEvent):
+        elif isinstance(event, ErrorEvent | Interrupted):
             self._audit.outcome = f"error:{event.error.code}"
 
     async def _all(self) -> AsyncIterator[StreamEvent]:
@@ -210,6 +213,11 @@ class JobStream:
                     async for event in self._until(bye):
                         if event is None:
                             for frame in farewell(_shutdown_info(self.job_id)):
+                                yield frame
+                            return
+                        if isinstance(event, Interrupted):  # not logged: no event id
+                            finished = True
+                            for frame in farewell(event.error):
                                 yield frame
                             return
                         finished = event.type in TERMINAL_TYPES
@@ -258,7 +266,7 @@ class JobStream:
 
     async def collect(
         self, client_gone: Callable[[], Awaitable[None]] | None = None
-    ) -> tuple[str, DoneEvent | ErrorEvent]:
+    ) -> tuple[str, DoneEvent | ErrorInfo]:
         """Wait for the whole answer: its text and the terminal event.
 
         With ``client_gone``: if the client closes its connection first, the job is treated
@@ -284,15 +292,17 @@ class JobStream:
             if not answer.done():
                 answer.cancel()
 
-    async def _collect(self) -> tuple[str, DoneEvent | ErrorEvent]:
+    async def _collect(self) -> tuple[str, DoneEvent | ErrorInfo]:
         parts: list[str] = []
         try:
             async for event in self._events():
                 self._note(event)
                 if isinstance(event, TokenEvent):
                     parts.append(event.text)
-                elif not isinstance(event, QueuedEvent):
+                elif isinstance(event, DoneEvent):
                     return "".join(parts), event
+                elif isinstance(event, ErrorEvent | Interrupted):
+                    return "".join(parts), event.error
         finally:
             await self.close()
         # follow() always ends with a terminal event; this is unreachable.

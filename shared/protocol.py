@@ -105,6 +105,16 @@ class ConversationRef(BaseModel):
     conversation_id: str
 
 
+class SlotRef(BaseModel):
+    """The stream slot (a rate limiter's sorted-set member) the turn holds: whichever side
+    ends the job releases it in the terminal step, even if the gateway that took it is gone."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    key: str
+    member: str
+
+
 class Job(_Message):
     """One generation, enqueued by the gateway and run by exactly one worker."""
 
@@ -113,6 +123,7 @@ class Job(_Message):
     messages: list[ChatMessage] = Field(min_length=1)
     sampling: SamplingParams = SamplingParams()
     conversation: ConversationRef | None = None
+    slot: SlotRef | None = None
     enqueued_at: float = Field(description="Unix time the gateway enqueued the job.")
     start_deadline: float = Field(
         description="Unix time after which a worker must not start the job: nobody waits for "

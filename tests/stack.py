@@ -169,14 +169,18 @@ def start_stack(
     only: set[str] | None = None,
     redis_url: str | None = None,
     settings: dict[str, str] | None = None,
+    appendonly: bool = False,
 ) -> Stack:
+    """``appendonly``: Redis persists every write (as in compose), so a test can restart it."""
     workdir.mkdir(parents=True, exist_ok=True)
     registry = write_registry(workdir / "models.json", tiny_dir, only)
     procs: list[Proc] = []
     redis_url = redis_url or os.environ.get("TEST_REDIS_URL")
     if not redis_url:
         rport = free_port()
-        procs.append(start_redis(rport, workdir / "redis", workdir / "redis.log"))
+        procs.append(
+            start_redis(rport, workdir / "redis", workdir / "redis.log", appendonly=appendonly)
+        )
         redis_url = f"redis://127.0.0.1:{rport}/0"
     env = {
         "REDIS_URL": redis_url,
@@ -271,9 +275,11 @@ def iter_stack_logs(stack: Stack) -> Iterator[str]:
 
 @dataclass
 class BackgroundStream:
-    """A /medgemma stream read on its own thread: ``events`` fill up as (event, data) pairs."""
+    """A /medgemma stream read on its own thread: ``events`` fill up as (event, data) pairs,
+    ``ids`` with their SSE ids ("" for an event without one)."""
 
     events: list[tuple[str, str]] = field(default_factory=list)
+    ids: list[str] = field(default_factory=list)
     job_id: str = ""
     _seen: threading.Condition = field(default_factory=threading.Condition)
     _thread: threading.Thread | None = None
@@ -301,6 +307,7 @@ def stream_in_background(stack: Stack, body: dict[str, Any]) -> BackgroundStream
             for e in events_of(src):
                 with bg._seen:
                     bg.events.append((e.event, e.data))
+                    bg.ids.append(e.id or "")
                     bg._seen.notify_all()
 
     bg._thread = threading.Thread(target=read)

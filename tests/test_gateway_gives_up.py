@@ -16,10 +16,18 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from httpx_sse import connect_sse
 from redis import Redis
 
 from devstack.processes import wait_ready
-from tests.stack import Stack, ask, slow_model_stack, sse_events, stream_in_background
+from tests.stack import (
+    Stack,
+    ask,
+    events_of,
+    slow_model_stack,
+    sse_events,
+    stream_in_background,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -44,8 +52,20 @@ def test_a_turn_the_gateway_gives_up_frees_the_conversation(single: Stack) -> No
         kind, data = bg.events[-1]
         assert kind == "error", bg.events[-1]
         assert json.loads(data)["error"]["code"] in ("worker_lost", "worker_timeout")
+        # The gateway's error is in the job's log with the next real id, like a worker's: a
+        # client resuming after the last token gets exactly it.
+        last_token = int(bg.ids[-2])
+        assert bg.ids[-1] == str(last_token + 1)
+        with single.client() as c:
+            headers = {"Last-Event-ID": str(last_token)}
+            with connect_sse(c, "GET", f"/jobs/{bg.job_id}/events", headers=headers) as src:
+                again = [(e.event, e.id, e.data) for e in events_of(src)]
+        assert again == [("error", bg.ids[-1], data)]
+        assert _claim(single, bg.job_id) == "done:gateway"  # no worker may write or start it
     finally:
         os.kill(pid, signal.SIGCONT)
+    wait_ready(single.port, "slow-model", 20)  # the resumed worker beats again
+    assert _log_ids(single, bg.job_id)[-1] == int(bg.ids[-1])  # and wrote nothing more
     with single.client() as c:
         history = c.get("/conversations/c-gives-up").json()
         assert history.get("messages", []) == []  # nothing stored of the lost answer
@@ -57,6 +77,14 @@ def test_a_turn_the_gateway_gives_up_frees_the_conversation(single: Stack) -> No
         history = c.get("/conversations/c-gives-up").json()
         assert len(history["messages"]) == 2  # only the second turn: question and answer
     worker.stop()  # the next test counts its own workers
+
+
+def _log_ids(stack: Stack, job_id: str) -> list[int]:
+    redis = Redis.from_url(stack.redis_url, decode_responses=True)
+    try:
+        return [int(i.split("-")[0]) for i, _ in redis.xrange(f"mg:job:{job_id}:log")]
+    finally:
+        redis.close()
 
 
 def _claim(stack: Stack, job_id: str) -> str | None:

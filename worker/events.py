@@ -32,10 +32,14 @@ Event = TokenEvent | DoneEvent | ErrorEvent
 PipelineHook = Callable[["Pipeline"], None]
 
 
-# KEYS: claim, log, channel. ARGV: owner, stream id, payload, TTL (0: leave it).
+# KEYS: claim, log, channel. ARGV: owner, stream id, payload, TTL (0: leave it). A retry of a
+# call that ran but whose reply was lost (the connection dropped) finds its id taken and
+# writes nothing: the token is in the log once, and a reader that missed the PUBLISH reads it
+# from the log.
 _EMIT = """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
-redis.call('XADD', KEYS[2], ARGV[2], 'e', ARGV[3])
+local added = redis.pcall('XADD', KEYS[2], ARGV[2], 'e', ARGV[3])
+if type(added) == 'table' and added.err then return 1 end
 if tonumber(ARGV[4]) > 0 then redis.call('EXPIRE', KEYS[2], ARGV[4]) end
 redis.call('PUBLISH', KEYS[3], ARGV[3])
 return 1

@@ -122,34 +122,52 @@ class JobRunner:
         ref = job.conversation
         if ref is not None:
             pub.on_terminal.append(lambda pipe: self._conversations.release(ref, job.job_id, pipe))
+        pub.on_terminal.append(lambda pipe: self._release_held(job, pipe))
         with self._running_lock:
             self.jobs_running += 1
         if self._cancels is not None:
             self._cancels.begin(job.job_id)
+        unreachable = False  # Redis stayed away longer than the client's retries
         try:
             self._run_claimed(job, pub, sent)
         except Fenced:
             self._leases.forfeit(job.job_id)
             logger.info("job %s: its claim is another worker's now; stopped", job.job_id)
         except (RedisError, OSError) as exc:
-            if not self._leases.lost(job.job_id):
-                raise
-            logger.info(
-                "job %s: stopped after losing its lease (%s)", job.job_id, type(exc).__name__
+            unreachable = not self._leases.lost(job.job_id)
+            # Either way the job is left to the gateway: its claim is no longer renewed, and
+            # once it lapses the job is handed over and continues from its log.
+            logger.warning(
+                "job %s: stopped, %s (%s)",
+                job.job_id,
+                "Redis unreachable" if unreachable else "its lease was lost",
+                type(exc).__name__,
             )
         finally:
             with self._running_lock:
                 self.jobs_running -= 1
             if self._cancels is not None:
                 self._cancels.end(job.job_id)
-            handed_over = self._leases.lost(job.job_id) and not pub.terminal_sent
+            handed_over = (unreachable or self._leases.lost(job.job_id)) and not pub.terminal_sent
             self._leases.release(job.job_id, finished=not handed_over)
             if not handed_over:  # the next worker needs the images and the lock
-                image_keys = [p.key for m in job.messages for p in m.images]
+                image_keys = self._image_keys(job)  # (gone already after a terminal event)
                 if image_keys:
                     self._redis.delete(*image_keys)
                 if ref is not None:  # a safety net if no terminal event could be sent
                     self._conversations.release(ref, job.job_id)
+
+    def _release_held(self, job: Job, pipe: Pipeline) -> None:
+        """In the terminal event's transaction: give back what the turn held besides its
+        conversation lock — the client's stream slot (even if the gateway that took it is
+        gone), the images and the payload kept for a handover."""
+        if job.slot is not None:
+            pipe.zrem(job.slot.key, job.slot.member)
+        pipe.delete(self._keys.job_payload(job.job_id), *self._image_keys(job))
+
+    @staticmethod
+    def _image_keys(job: Job) -> list[str]:
+        return [p.key for m in job.messages for p in m.images]
 
     def _already_sent(self, job: Job) -> tuple[str, int, bool]:
         """For a handed-over job: the text already streamed, the last sequence number, and

@@ -32,12 +32,13 @@ from gateway.chat import Part, PendingMessage, new_id
 from gateway.deps import ClientGone, admission
 from gateway.errors import APIError, error_response
 from gateway.images import parse_image_url
-from gateway.jobs import StreamEvent, status_for
+from gateway.jobs import status_for
 from gateway.medgemma.protocol import ImagePart, MedGemmaRequest, MedGemmaResponse
 from gateway.state import AppState
 from gateway.streaming import JobStream
+from gateway.supervision import Relayed
 from shared.errors import ErrorBody, ErrorCode, ErrorInfo
-from shared.protocol import DoneEvent, ErrorEvent, QueuedEvent, SamplingParams, TokenEvent
+from shared.protocol import DoneEvent, QueuedEvent, SamplingParams, TokenEvent
 from shared.registry import ModelEntry
 
 DEFAULT_TEMPERATURE = 0.7
@@ -145,7 +146,7 @@ def seed_farewell(info: ErrorInfo) -> list[ServerSentEvent]:
     return [ServerSentEvent(data=json.dumps(ErrorBody(error=info).model_dump()), event="error")]
 
 
-def seed_frame(event: StreamEvent, model: str, cid: str | None) -> ServerSentEvent:
+def seed_frame(event: Relayed, model: str, cid: str | None) -> ServerSentEvent:
     """One event in the seed API's SSE format: ``event:`` type, ``id:`` sequence number.
 
     ``queued`` events (place in line while waiting for a worker) carry no id: they are not
@@ -199,7 +200,7 @@ async def serve(
         cid = req.conversation_id or new_id("c-")
         opened = await JobStream.start_turn(
             state.chat,
-            hold=slot.hand_over(),
+            slot=slot,
             audit=audit,
             observer=state.metrics.stream(entry.model_name, audit.started),
             principal=principal,
@@ -214,7 +215,7 @@ async def serve(
         if req.stream:
             failed = await opened.early_error(state.settings.gateway_first_event_wait_s)
             if failed is not None:
-                return error_response(status_for(failed.error.code), failed.error, headers)
+                return error_response(status_for(failed.code), failed, headers)
             return opened.sse(
                 lambda event: [seed_frame(event, entry.model_name, cid)],
                 farewell=seed_farewell,
@@ -222,8 +223,8 @@ async def serve(
                 ping_s=state.settings.gateway_ping_s,
             )
         text, end = await opened.collect(client_gone)
-        if isinstance(end, ErrorEvent):
-            return error_response(status_for(end.error.code), end.error, headers)
+        if isinstance(end, ErrorInfo):
+            return error_response(status_for(end.code), end, headers)
         body = MedGemmaResponse(
             conversation_id=cid,
             model=entry.model_name,

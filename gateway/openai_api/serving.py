@@ -31,7 +31,7 @@ from gateway.chat import Part, PendingMessage
 from gateway.deps import ClientGone, admission
 from gateway.errors import APIError, error_response
 from gateway.images import ImageLimits, parse_image_url
-from gateway.jobs import StreamEvent, status_for
+from gateway.jobs import status_for
 from gateway.openai_api.protocol import (
     ChatCompletion,
     ChatCompletionRequest,
@@ -43,8 +43,9 @@ from gateway.openai_api.protocol import (
 )
 from gateway.state import AppState
 from gateway.streaming import JobStream
+from gateway.supervision import Relayed
 from shared.errors import ErrorBody, ErrorCode, ErrorInfo
-from shared.protocol import DoneEvent, ErrorEvent, QueuedEvent, SamplingParams, TokenEvent
+from shared.protocol import DoneEvent, QueuedEvent, SamplingParams, TokenEvent
 from shared.registry import ModelEntry
 
 MAX_STOP = 4
@@ -188,7 +189,7 @@ class ChunkWriter:
     def first(self) -> ServerSentEvent:
         return self._chunk({"role": "assistant", "content": ""}, None, None)
 
-    def frames(self, event: StreamEvent) -> Iterable[ServerSentEvent]:
+    def frames(self, event: Relayed) -> Iterable[ServerSentEvent]:
         if isinstance(event, QueuedEvent):  # an SSE comment: OpenAI clients skip it...
             if self._sent_id:  # ...unless an id was sent before (see the class docstring)
                 return []
@@ -233,7 +234,7 @@ async def serve(
         cid = req.conversation_id or header_conversation_id
         opened = await JobStream.start_turn(
             state.chat,
-            hold=slot.hand_over(),
+            slot=slot,
             audit=audit,
             observer=state.metrics.stream(entry.model_name, audit.started),
             principal=principal,
@@ -254,7 +255,7 @@ async def serve(
         if req.stream:
             failed = await opened.early_error(state.settings.gateway_first_event_wait_s)
             if failed is not None:
-                return error_response(status_for(failed.error.code), failed.error, headers)
+                return error_response(status_for(failed.code), failed, headers)
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             writer = ChunkWriter(completion_id, entry.model_name, created, include_usage)
             return opened.sse(
@@ -266,8 +267,8 @@ async def serve(
                 farewell=openai_farewell,
             )
         text, end = await opened.collect(client_gone)
-        if isinstance(end, ErrorEvent):
-            return error_response(status_for(end.error.code), end.error, headers)
+        if isinstance(end, ErrorInfo):
+            return error_response(status_for(end.code), end, headers)
         body = ChatCompletion(
             id=completion_id,
             created=created,
