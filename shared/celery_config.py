@@ -8,13 +8,14 @@ per model. Options chosen for long GPU jobs on Redis:
   generation would run twice and stream its tokens twice (celery #5935). A job lost with a
   dead worker is instead detected by the job's claim/lease and answered with an error event.
 * ``visibility_timeout`` is set high all the same (it only matters for unacked messages).
-* ``worker_prefetch_multiplier = 1`` — a worker reserves only as many jobs as it can run, so
-  jobs queue in Redis (where any free worker can take them), not inside one busy worker. With
-  early acks this is not a hard bound (an acknowledged job stops counting against the prefetch
-  limit), so when every slot of every worker is busy a worker may hold a job it cannot start
-  yet. ``worker_disable_prefetch`` closes that gap but, measured, made every job start about
-  200 ms later (the consumer stops polling while full and resumes on a timer), so it is off:
-  ``bench/serve.py`` saw one such held job among 1,000 streams on exactly 1,000 slots.
+* ``worker_prefetch_multiplier = 1`` and, in workers, ``--disable-prefetch``
+  (``WORKER_DISABLE_PREFETCH``, on by default): a worker takes a job off the queue only when
+  one of its slots is free, so no job waits behind a busy worker while another is idle (with
+  early acks, prefetch alone is no bound: an acknowledged job stops counting, and a busy
+  worker held the next job; ``tests/test_prefetch.py``). Celery re-reads the queue only when
+  the consumer's loop wakes, so the worker wakes it every 20 ms (``worker/celery_app.py``);
+  measured, the cost is then +0.8 ms p50 time to first token at 8 streams on 8 slots and
+  +18 ms (4.5%) when jobs queue (docs/BENCHMARKS.md), instead of +600 ms without the timer.
 * JSON only, no result backend: results travel as token events on pub/sub, not through
   Celery's result store, and nothing in Redis is a pickle.
 * Publishing retries briefly and then fails, so the gateway can answer 503 during a Redis

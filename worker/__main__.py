@@ -16,6 +16,8 @@ from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 from celery import signals
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
 
 from shared.keys import Keys
 from shared.logs import configure_logging
@@ -30,6 +32,12 @@ from worker.lease import LeaseKeeper
 from worker.runner import JobRunner, RunnerConfig
 from worker.settings import WorkerSettings
 from worker.torch_env import prepare_cpu_compile
+
+# A command that meets a dropped connection (a Redis restart, a failover) is retried for
+# about 1.8 s (0.05, 0.1, ... capped at 0.5 s), well inside the job's lease: a running
+# answer rides out a short outage. Writes are safe to retry: token writes are idempotent by
+# their stream id (worker/events.py), everything else is fenced or compare-and-set.
+RIDE_OUT = Retry(ExponentialBackoff(cap=0.5, base=0.05), retries=6)
 
 logger = logging.getLogger("worker")
 
@@ -122,7 +130,11 @@ def main() -> int:
     # listener, heartbeat and lease threads.
     pool = settings.worker_concurrency + 4
     redis = sync_redis(
-        settings.redis_url, max_connections=pool, decode_responses=True, health_check_interval=30
+        settings.redis_url,
+        max_connections=pool,
+        decode_responses=True,
+        health_check_interval=30,
+        retry=RIDE_OUT,
     )
     keys = Keys(settings.key_prefix)
     cancels = CancelWatcher(redis, keys)
@@ -133,7 +145,9 @@ def main() -> int:
         ttl_s=settings.worker_lease_ttl_s,
         done_ttl_s=settings.job_ttl_s,
     )
-    blobs = sync_redis(settings.redis_url, max_connections=pool, health_check_interval=30)
+    blobs = sync_redis(
+        settings.redis_url, max_connections=pool, health_check_interval=30, retry=RIDE_OUT
+    )
     runner = JobRunner(
         redis,
         blobs,
@@ -218,6 +232,7 @@ def main() -> int:
                 "--without-gossip",
                 "--without-mingle",
                 "--without-heartbeat",
+                *(["--disable-prefetch"] if settings.worker_disable_prefetch else []),
                 "--loglevel",
                 settings.worker_log_level,
             ]

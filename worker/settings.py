@@ -84,6 +84,12 @@ class WorkerSettings(CommonSettings):
         description="A worker's lease on a running job; renewed every second. If the worker "
         "dies, its jobs are handed over to another worker once the lease lapses.",
     )
+    worker_disable_prefetch: bool = Field(
+        default=True,
+        description="Take a job off the queue only when a slot is free (Celery's "
+        "worker_disable_prefetch), so no job waits behind a busy worker while another is idle. "
+        "Cost measured in docs/BENCHMARKS.md.",
+    )
     worker_shutdown_grace_s: float = Field(
         default=120.0,
         ge=0,
