@@ -34,6 +34,9 @@ from shared.protocol import GENERATE_TASK, Job, JobMeta
 logger = logging.getLogger(__name__)
 
 
+WATCHERS_TIMEOUT_S = 2.0  # longest a stream's end waits to uncount itself
+
+
 def unavailable(message: str) -> APIError:
     return APIError(503, ErrorCode.REDIS_UNAVAILABLE, message, headers={"Retry-After": "5"})
 
@@ -102,18 +105,28 @@ class JobService:
         pipe = self._redis.pipeline(transaction=True)
         pipe.incr(key)
         pipe.expire(key, self._job_ttl_s)
-        try:
-            await pipe.execute()
-            counted = True
-        except (RedisError, OSError):
-            # The stream goes on (the relay reports a real outage as an event); uncounted,
-            # the job only looks abandoned sooner if this client leaves.
-            counted = False
+        counted = False
+        # Shielded like the DECR below: a client that hangs up while the INCR is on the wire
+        # would otherwise leave a count that nothing takes back (the job then looks watched
+        # until its TTL, and is never cancelled as abandoned).
+        with anyio.move_on_after(WATCHERS_TIMEOUT_S, shield=True):
+            try:
+                await pipe.execute()
+                counted = True
+            except (RedisError, OSError):
+                # The stream goes on (the relay reports a real outage as an event);
+                # uncounted, the job only looks abandoned sooner if this client leaves.
+                pass
         try:
             yield
         finally:
             if counted:
-                with contextlib.suppress(RedisError, OSError):
+                # Shielded: a client that hangs up cancels the stream's task, and an unshielded
+                # DECR would be cancelled with it.
+                with (
+                    anyio.move_on_after(WATCHERS_TIMEOUT_S, shield=True),
+                    contextlib.suppress(RedisError, OSError),
+                ):
                     # With its TTL again: a DECR after the key was erased (the conversation
                     # deleted meanwhile) recreates it.
                     pipe = self._redis.pipeline(transaction=True)
@@ -133,6 +146,7 @@ class JobService:
             watchers = int(await self._redis.get(self._keys.job_watchers(job_id)) or 0)
             if watchers <= 0:
                 await self.cancel(job_id)
+                await self.supervisor.cancel_unclaimed(job_id)
         except (RedisError, OSError) as exc:
             logger.warning("could not cancel abandoned job %s: %s", job_id, type(exc).__name__)
 
@@ -266,6 +280,7 @@ def status_for(code: str) -> int:
     statuses: dict[str, Any] = {
         ErrorCode.PROMPT_TOO_LONG.value: 400,
         ErrorCode.QUEUE_TIMEOUT.value: 503,
+        ErrorCode.GATEWAY_SHUTDOWN.value: 503,
         ErrorCode.REDIS_UNAVAILABLE.value: 503,
         ErrorCode.WORKER_TIMEOUT.value: 504,
     }

@@ -16,7 +16,9 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from typing import Any
 
 import anyio
+from redis.exceptions import RedisError
 from sse_starlette import EventSourceResponse, ServerSentEvent
+from sse_starlette.sse import AppStatus
 from starlette.background import BackgroundTask
 
 from gateway.audit import prompt_digest
@@ -33,6 +35,14 @@ from shared.protocol import TERMINAL_TYPES, DoneEvent, ErrorEvent, Job, TokenEve
 
 Frames = Callable[[Relayed], Iterable[ServerSentEvent]]
 SHUTDOWN_GRACE_S = 2.0  # below uvicorn's graceful-shutdown timeout (gateway/__main__.py)
+SHUTDOWN_POLL_S = 0.5
+
+
+async def _shutdown_started() -> None:
+    """Returns once uvicorn has been told to shut down (sse-starlette's flag, which it sets
+    from uvicorn's signal handler)."""
+    while not AppStatus.should_exit:  # noqa: ASYNC110 - a flag set by a signal handler
+        await asyncio.sleep(SHUTDOWN_POLL_S)
 
 
 def _shutdown_info(job_id: str) -> ErrorInfo:
@@ -69,6 +79,8 @@ class JobStream:
         self._first: asyncio.Future[StreamEvent] | None = None
         self._audit = audit
         self._observer = observer  # metrics: sees every event with a monotonic timestamp
+        self._ended = False  # a terminal event was seen
+        self._left = False  # the job was marked abandoned
 
     @classmethod
     async def start_turn(
@@ -138,7 +150,20 @@ class JobStream:
         )
 
     async def close(self) -> None:
+        """Release what the stream holds. A stream closed before its terminal event (its
+        client hung up, even before the first byte of the response) leaves its job
+        abandoned: cancelled unless a client resumes it within the grace."""
+        if not self._ended:
+            self._client_left()
         await self._stack.aclose()
+
+    def _client_left(self) -> None:
+        if self._ended or self._left:
+            return
+        self._left = True
+        if self._audit is not None:
+            self._audit.outcome = "client_left"
+        self._jobs.abandoned(self.job_id)
 
     def _events(self) -> AsyncIterator[StreamEvent]:
         if self._iter is None:
@@ -168,6 +193,8 @@ class JobStream:
         return None
 
     def _note(self, event: StreamEvent) -> None:
+        if event.type in TERMINAL_TYPES or isinstance(event, Interrupted):
+            self._ended = True
         if self._observer is not None:
             self._observer.event(event, time.monotonic())
         if self._audit is None:
@@ -229,9 +256,7 @@ class JobStream:
                 if self._first is not None and not self._first.done():
                     self._first.cancel()
                 if not finished:
-                    if self._audit is not None:
-                        self._audit.outcome = "client_left"
-                    self._jobs.abandoned(self.job_id)
+                    self._client_left()
                 if self._observer is not None:
                     self._observer.closed()
                 await self.close()
@@ -271,24 +296,42 @@ class JobStream:
 
         With ``client_gone``: if the client closes its connection first, the job is treated
         like a stream whose client left (cancelled unless resumed within the grace) and
-        :class:`ClientLeft` is raised (the handler's answer would reach no one)."""
-        if client_gone is None:
-            return await self._collect()
+        :class:`ClientLeft` is raised (the handler's answer would reach no one).
+
+        If the gateway starts shutting down first, the job is cancelled and the answer is a
+        ``gateway_shutdown`` error (503, retry): uvicorn would otherwise cut the request after
+        its graceful timeout with a bare 500."""
         answer = asyncio.ensure_future(self._collect())
-        gone = asyncio.ensure_future(client_gone())
+        gone = asyncio.ensure_future(client_gone() if client_gone else asyncio.Event().wait())
+        bye = asyncio.ensure_future(_shutdown_started())
         try:
-            await asyncio.wait({answer, gone}, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait({answer, gone, bye}, return_when=asyncio.FIRST_COMPLETED)
             if answer.done():
                 return answer.result()
-            if self._audit is not None:
-                self._audit.outcome = "client_left"
-            self._jobs.abandoned(self.job_id)
+            if bye.done():
+                answer.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await answer
+                with contextlib.suppress(RedisError, OSError):  # the answer goes out anyway
+                    await self._jobs.cancel(self.job_id)
+                    await self._jobs.supervisor.cancel_unclaimed(self.job_id)
+                info = ErrorInfo(
+                    message="The gateway is restarting; this answer was stopped. Send the "
+                    "request again.",
+                    type="service_unavailable",
+                    code=ErrorCode.GATEWAY_SHUTDOWN.value,
+                )
+                if self._audit is not None:
+                    self._audit.outcome = f"error:{info.code}"
+                return "", info
+            self._client_left()
             answer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await answer
             raise ClientLeft(self.job_id)
         finally:
             gone.cancel()
+            bye.cancel()
             if not answer.done():
                 answer.cancel()
 

@@ -56,7 +56,7 @@ from redis.exceptions import RedisError
 from gateway.relay import Event, RelayUnavailable, Subscription
 from shared.errors import ErrorCode, ErrorInfo
 from shared.keys import DONE_PREFIX, MAX_HANDOVERS
-from shared.protocol import TERMINAL_TYPES, ErrorEvent, Job, QueuedEvent
+from shared.protocol import TERMINAL_TYPES, DoneEvent, ErrorEvent, Job, QueuedEvent, Usage
 
 if TYPE_CHECKING:
     from gateway.jobs import JobService
@@ -266,9 +266,32 @@ class Supervisor:
         docstring). None if the claim is no longer ``seen``: the job lives on."""
         info = ErrorInfo(message=message, type="server_error", code=code.value)
         body = ErrorEvent(job_id=w.job_id, seq=1, error=info).model_dump_json(exclude={"seq"})
-        raw = await self._redis.get(self._keys.job_payload(w.job_id))
+        seq = await self._write_end(w.job_id, seen, body)
+        if seq is None:
+            logger.info("job %s: not ended, its claim moved on", w.job_id)
+            return None
+        logger.warning("job %s ended by the gateway: %s", w.job_id, code.value)
+        w.phase = Phase.FINISHED
+        w.last = seq
+        return ErrorEvent(job_id=w.job_id, seq=seq, error=info)
+
+    async def cancel_unclaimed(self, job_id: str) -> bool:
+        """End a cancelled job that no worker has claimed with a ``cancelled`` done event,
+        through the fenced script: its lock, slot and images are free now, not when a worker
+        gets to it (or, if none ever does, when their TTLs run out). False if a worker holds
+        it (that worker ends it on the cancel flag)."""
+        none = Usage(prompt_tokens=0, completion_tokens=0, total_tokens=0)
+        done = DoneEvent(job_id=job_id, seq=1, finish_reason="cancelled", usage=none)
+        seq = await self._write_end(job_id, "", done.model_dump_json(exclude={"seq"}))
+        if seq is not None:
+            logger.info("job %s: cancelled before any worker took it", job_id)
+        return seq is not None
+
+    async def _write_end(self, job_id: str, seen: str, body: str) -> int | None:
+        """Run the fenced end script; the event's seq, or None if the claim is not ``seen``."""
+        raw = await self._redis.get(self._keys.job_payload(job_id))
         job = Job.model_validate_json(raw) if raw is not None else None
-        lock = self._keys.job_claim(w.job_id)  # a stand-in key when there is nothing to free
+        lock = self._keys.job_claim(job_id)  # a stand-in key when there is nothing to free
         slot_key, member = lock, ""
         if job is not None and job.conversation is not None:
             ref = job.conversation
@@ -279,24 +302,18 @@ class Supervisor:
         keys = self._keys
         written, value = await self._end_script(
             keys=[
-                keys.job_claim(w.job_id),
-                keys.job_log(w.job_id),
-                keys.job_channel(w.job_id),
-                keys.job_cancel(w.job_id),
-                keys.job_payload(w.job_id),
+                keys.job_claim(job_id),
+                keys.job_log(job_id),
+                keys.job_channel(job_id),
+                keys.job_cancel(job_id),
+                keys.job_payload(job_id),
                 lock,
                 slot_key,
                 *images,
             ],
-            args=[seen, body[1:], self._job_ttl_s, w.job_id, member, keys.cancel_channel],
+            args=[seen, body[1:], self._job_ttl_s, job_id, member, keys.cancel_channel],
         )
-        if not int(written):
-            logger.info("job %s: not ended, its claim moved on", w.job_id)
-            return None
-        logger.warning("job %s ended by the gateway: %s", w.job_id, code.value)
-        w.phase = Phase.FINISHED
-        w.last = int(value)
-        return ErrorEvent(job_id=w.job_id, seq=int(value), error=info)
+        return int(value) if int(written) else None
 
     async def _hand_over(self, job_id: str, lost: str) -> str | float:
         """Re-enqueue a job whose worker was lost. Returns why it cannot go on, or how long

@@ -19,7 +19,7 @@ import pytest
 from httpx_sse import connect_sse
 from redis import Redis
 
-from devstack.processes import wait_ready
+from devstack.processes import wait_for, wait_ready
 from tests.stack import (
     Stack,
     ask,
@@ -118,3 +118,34 @@ def test_a_handed_over_answer_waits_for_the_busy_worker(single: Stack) -> None:
     assert "queued" in kinds[kinds.index("token") :], kinds  # it waited in line after the kill
     done = json.loads(b.events[-1][1])
     assert done["finish_reason"] == "length"
+    for proc in (first, second):
+        proc.stop()  # the next test counts its own workers
+
+
+def test_an_abandoned_turn_still_in_line_frees_its_conversation_at_once(single: Stack) -> None:
+    """The only worker is busy; a turn waits in line and its client leaves. After the resume
+    grace the gateway ends the unclaimed job itself (`cancelled`, fenced): the conversation is
+    free while the worker is still busy, and the worker never runs the job."""
+    worker = single.add_worker("slow-model")
+    busy = stream_in_background(single, ask("keep the worker busy", model="slow-model"))
+    assert busy.wait_for_events(2, 20), busy.events
+    body = {**ask("then this", model="slow-model"), "conversation_id": "c-left-in-line"}
+    with single.client() as c, connect_sse(c, "POST", "/medgemma", json=body) as src:
+        job_id = src.response.headers["x-job-id"]
+    # The client is gone. Within the grace (1 s) plus a check, the lock is released.
+    redis = Redis.from_url(single.redis_url, decode_responses=True)
+    try:
+        wait_for(
+            lambda: redis.get(f"mg:job:{job_id}:claim") == "done:gateway",
+            10,
+            "the gateway to end the abandoned job",
+        )
+    finally:
+        redis.close()
+    assert busy.is_alive(), "the worker must still be busy, or the test shows nothing"
+    with single.client() as c:
+        again = {**body, "user_message": ask("next")["user_message"], "stream": False}
+        response = c.post("/medgemma", json=again)
+    assert response.status_code == 200, response.text  # not 409 conversation_busy
+    busy.join(30)
+    worker.stop()

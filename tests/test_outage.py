@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import signal
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,7 +13,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from devstack.processes import Proc, start_redis, wait_for
+from devstack.processes import Proc, start_gateway, start_redis, wait_for, wait_ready
+from shared.redis_url import sync_redis
 from tests.stack import Stack, ask, start_stack, stream_in_background
 
 pytestmark = pytest.mark.integration
@@ -140,3 +142,34 @@ def test_sigterm_to_the_gateway_ends_open_streams_with_a_clean_event(own_stack: 
     # uvicorn shuts down gracefully, then re-raises SIGTERM so the exit status says so (143).
     assert gateway.popen.wait(15) in (0, -signal.SIGTERM)
     assert "Application shutdown complete" in gateway.log_text()
+
+
+def test_a_non_stream_answer_cut_by_a_gateway_restart_is_a_503_with_a_code(
+    own_stack: Stack,
+) -> None:
+    """The previous test stopped the gateway: a new one takes its port. A `stream: false`
+    request in flight when it gets SIGTERM is answered 503 `gateway_shutdown` (not uvicorn's
+    bare 500 after its graceful timeout), and its job is cancelled."""
+    stack = own_stack
+    gateway = start_gateway(stack.env, stack.port, stack.workdir / "gateway-2.log")
+    stack.procs.append(gateway)
+    wait_ready(stack.port, "slow-model", 30)
+    result: dict[str, httpx.Response] = {}
+
+    def ask_and_wait() -> None:
+        with stack.client() as c:
+            body = {**ask("long", model="slow-model", verbosity=3), "stream": False}
+            result["response"] = c.post("/medgemma", json=body)
+
+    thread = threading.Thread(target=ask_and_wait)
+    thread.start()
+    wait_for(lambda: "enqueued" in gateway.log_text(), 20, "the job to be enqueued")
+    gateway.signal(signal.SIGTERM)
+    thread.join(15)
+    assert not thread.is_alive()
+    response = result["response"]
+    assert response.status_code == 503, response.text
+    assert response.json()["error"]["code"] == "gateway_shutdown"
+    job_id = response.headers["x-job-id"]
+    redis = sync_redis(stack.redis_url, decode_responses=True)
+    assert redis.get(f"mg:job:{job_id}:cancel") == "1"
