@@ -22,6 +22,7 @@ from gateway.auth import KeyStore
 from gateway.chat import ChatService
 from gateway.conversations import ConversationStore
 from gateway.errors import APIError, install_error_handlers
+from gateway.giveback import GiveBack
 from gateway.jobs import JobService
 from gateway.medgemma.router import router as medgemma_router
 from gateway.metrics import Metrics
@@ -98,6 +99,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         celery = Celery("medgemma-gateway")
         celery.conf.update(celery_options(settings.redis_url))
         conversations = ConversationStore(redis, keys, ttl_s=settings.conversation_ttl_s)
+        give_back = GiveBack()  # releases that failed in an outage, retried
         jobs = JobService(
             redis,
             relay,
@@ -118,6 +120,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
             max_generation_s=settings.gateway_max_generation_s,
             max_images=settings.gateway_max_images,
             turn_ttl_s=settings.turn_ttl_s,
+            give_back=give_back,
         )
         app.state.gateway = AppState(
             settings=settings,
@@ -134,6 +137,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
                 requests_per_minute=settings.gateway_rate_limit_rpm,
                 concurrent_streams=settings.gateway_max_concurrent_streams,
                 stream_ttl_s=settings.turn_ttl_s,
+                give_back=give_back,
             ),
             audit=audit_log,
             metrics=metrics,
@@ -145,6 +149,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
             yield
         finally:
             await jobs.aclose()
+            await give_back.aclose()
             await relay.stop()
             await redis.aclose()
             celery.close()

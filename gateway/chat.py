@@ -14,11 +14,11 @@ from dataclasses import dataclass
 from typing import Literal
 
 from redis.asyncio.client import Pipeline
-from redis.exceptions import RedisError
 
 from gateway.auth import Principal
 from gateway.conversations import ConversationStore
 from gateway.errors import APIError
+from gateway.giveback import GiveBack
 from gateway.images import RawImage
 from gateway.jobs import JobService
 from gateway.relay import Subscription
@@ -69,8 +69,10 @@ class ChatService:
         max_generation_s: float,
         max_images: int,
         turn_ttl_s: int,
+        give_back: GiveBack | None = None,
     ) -> None:
         self.jobs = jobs
+        self._give_back = give_back if give_back is not None else GiveBack()
         self.conversations = conversations
         self._max_images = max_images
         self._image_ttl_s = turn_ttl_s
@@ -103,9 +105,15 @@ class ChatService:
         stored: list[ChatMessage] | None = None
         if conversation_id is not None:
             ref = ConversationRef(user_id=principal.user_id, conversation_id=conversation_id)
-            stored = await self.conversations.lock(
-                principal.user_id, conversation_id, job_id, self._lock_ttl_s
-            )
+            try:
+                stored = await self.conversations.lock(
+                    principal.user_id, conversation_id, job_id, self._lock_ttl_s
+                )
+            except BaseException:
+                # The lock may have been taken with its reply lost: give it back (the
+                # release only deletes a lock that names this job).
+                self._unlock_later(ref, job_id)
+                raise
             if stored is None:
                 raise APIError(
                     409,
@@ -157,12 +165,26 @@ class ChatService:
                 yield Turn(job=job, sub=sub, conversation_id=conversation_id)
         finally:
             if not enqueued:
-                with contextlib.suppress(RedisError, OSError):
-                    if ref is not None:
-                        await self.conversations.unlock(
-                            principal.user_id, ref.conversation_id, job_id
-                        )
-                    await self.jobs.discard_images(job_id, len(store.raw))
+                await self._release(ref, job_id, len(store.raw))
+
+    async def _release(self, ref: ConversationRef | None, job_id: str, images: int) -> None:
+        """Give back what a turn that was never enqueued holds: the conversation's lock and
+        the images stored for it (retried in the background while Redis is unreachable)."""
+        if ref is not None:
+            await self._give_back.now_or_later(
+                "conversation lock",
+                lambda: self.conversations.unlock(ref.user_id, ref.conversation_id, job_id),
+            )
+        if images:
+            await self._give_back.now_or_later(
+                "turn's images", lambda: self.jobs.discard_images(job_id, images)
+            )
+
+    def _unlock_later(self, ref: ConversationRef, job_id: str) -> None:
+        self._give_back.later(
+            "conversation lock",
+            lambda: self.conversations.unlock(ref.user_id, ref.conversation_id, job_id),
+        )
 
     def _check_images(self, entry: ModelEntry, messages: Sequence[PendingMessage]) -> None:
         count = sum(isinstance(p, RawImage) for m in messages for p in m.parts)

@@ -13,7 +13,9 @@ Two limits per user id (0 disables either):
   an early return, a refused body, an exception or a cancellation included — unless the block
   handed it to the stream that now owns it (:meth:`Slot.hand_over`), which gives it back when the
   stream ends. The release is shielded from anyio's level-triggered cancellation, which would
-  otherwise cancel it too. A gateway that
+  otherwise cancel it too. A release that fails (Redis restarting) is retried in the background
+  (:mod:`gateway.giveback`), and so is the give-back of a slot whose take may have run although
+  its reply was lost: an outage does not cost the user a slot for ``stream_ttl_s``. A gateway that
   dies mid-stream cannot leak a slot forever: the script prunes expired tokens. ``stream_ttl_s``
   must therefore bound one stream (queue wait plus generation); a longer stream stops counting
   once it expires. A stream ends when its generation does, which no one can predict, so its
@@ -35,10 +37,9 @@ import time
 from collections.abc import AsyncIterator, Callable
 from typing import Literal
 
-import anyio
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
 
+from gateway.giveback import GiveBack
 from shared.keys import owner_tag
 from shared.protocol import SlotRef
 
@@ -46,7 +47,6 @@ logger = logging.getLogger(__name__)
 
 WINDOW_S = 60.0
 STREAM_RETRY_HINT_S = 5
-RELEASE_TIMEOUT_S = 2.0
 
 Limit = Literal["requests_per_minute", "concurrent_streams"]
 
@@ -101,8 +101,16 @@ class RateLimited(Exception):
 class Slot:
     """What one admission took: nothing, or a stream slot. Released once, by its last owner."""
 
-    def __init__(self, redis: Redis | None = None, key: str = "", token: str = "") -> None:
+    def __init__(
+        self,
+        redis: Redis | None = None,
+        key: str = "",
+        token: str = "",
+        *,
+        give_back: GiveBack | None = None,
+    ) -> None:
         self._redis, self._key, self._token = redis, key, token
+        self._give_back = give_back if give_back is not None else GiveBack()
         self._released = redis is None
         self.handed_over = False
 
@@ -129,12 +137,8 @@ class Slot:
         if self._released or self._redis is None:
             return
         self._released = True
-        with anyio.move_on_after(RELEASE_TIMEOUT_S, shield=True):
-            try:
-                await self._redis.zrem(self._key, self._token)
-            except (RedisError, OSError) as exc:
-                # The slot expires after stream_ttl_s anyway.
-                logger.warning("could not release a stream slot: %s", type(exc).__name__)
+        redis, key, token = self._redis, self._key, self._token
+        await self._give_back.now_or_later("stream slot", lambda: redis.zrem(key, token))
 
     async def __aenter__(self) -> None:
         return None
@@ -153,6 +157,7 @@ class RateLimiter:
         concurrent_streams: int,
         stream_ttl_s: int,
         clock: Callable[[], float] = time.time,
+        give_back: GiveBack | None = None,
     ) -> None:
         if requests_per_minute < 0 or concurrent_streams < 0 or stream_ttl_s < 1:
             raise ValueError("limits must be >= 0 and stream_ttl_s >= 1")
@@ -163,6 +168,7 @@ class RateLimiter:
         self._stream_ttl_s = stream_ttl_s
         self._clock = clock
         self._take = redis.register_script(_TAKE)
+        self._give_back = give_back if give_back is not None else GiveBack()
 
     def _key(self, user_id: str, kind: str) -> str:
         return f"{self._prefix}:rl:{owner_tag(user_id)}:{kind}"
@@ -176,18 +182,27 @@ class RateLimiter:
             return Slot()
         now = self._clock()
         token = secrets.token_hex(12)
-        status, frees_at = await self._take(
-            keys=[self._key(user_id, "rpm"), self._key(user_id, "streams")],
-            args=[
-                repr(now),
-                rpm,
-                f"{now!r}:{secrets.token_hex(6)}",
-                streams,
-                token,
-                self._stream_ttl_s,
-                repr(WINDOW_S),
-            ],
-        )
+        slots = self._key(user_id, "streams")
+        try:
+            status, frees_at = await self._take(
+                keys=[self._key(user_id, "rpm"), slots],
+                args=[
+                    repr(now),
+                    rpm,
+                    f"{now!r}:{secrets.token_hex(6)}",
+                    streams,
+                    token,
+                    self._stream_ttl_s,
+                    repr(WINDOW_S),
+                ],
+            )
+        except BaseException:
+            # The script may have run with its reply lost (Redis went away, the client was
+            # cancelled): give back the slot it may hold. (Removing a token never taken is
+            # a no-op.)
+            if streams:
+                self._give_back.later("stream slot", lambda: self._redis.zrem(slots, token))
+            raise
         if int(status) == 0:
             retry = max(1, math.ceil(float(frees_at) - now))
             raise RateLimited(
@@ -205,7 +220,7 @@ class RateLimiter:
             )
         if not streams:
             return Slot()
-        return Slot(self._redis, self._key(user_id, "streams"), token)
+        return Slot(self._redis, slots, token, give_back=self._give_back)
 
     @contextlib.asynccontextmanager
     async def admitted(self, user_id: str, *, stream: bool) -> AsyncIterator[Slot]:

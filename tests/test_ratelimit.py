@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import anyio
 import fakeredis
 import pytest
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from gateway.ratelimit import RateLimited, RateLimiter
 from shared.keys import owner_tag
@@ -271,3 +272,49 @@ def test_bad_settings_are_refused() -> None:
         limiter(server, clock, rpm=-1)
     with pytest.raises(ValueError):
         limiter(server, clock, streams=1, stream_ttl_s=0)
+
+
+async def _slot_tokens(server: fakeredis.FakeServer) -> list[str]:
+    redis = fakeredis.FakeAsyncRedis(server=server, decode_responses=True)
+    keys = [k async for k in redis.scan_iter("mg:rl:*:streams")]
+    return [t for k in keys for t in await redis.zrange(k, 0, -1)]
+
+
+async def _until_no_slot(server: fakeredis.FakeServer, timeout_s: float) -> None:
+    with anyio.fail_after(timeout_s):
+        while await _slot_tokens(server):  # noqa: ASYNC110 - polls Redis, no event to wait on
+            await anyio.sleep(0.05)
+
+
+def test_a_slot_released_during_an_outage_is_given_back_when_redis_returns() -> None:
+    async def go(server: fakeredis.FakeServer, clock: Clock) -> None:
+        rl = limiter(server, clock, streams=1)
+        async with await rl.admit(ALICE, stream=True):
+            server.connected = False  # Redis goes away while the stream runs: no release
+        server.connected = True  # it is back (a restart with AOF keeps the slot)
+        assert await _slot_tokens(server)
+        await _until_no_slot(server, 5)
+        async with await rl.admit(ALICE, stream=True):  # the user's slot is free again
+            pass
+
+    run(go)
+
+
+def test_a_take_whose_reply_was_lost_gives_its_slot_back() -> None:
+    async def go(server: fakeredis.FakeServer, clock: Clock) -> None:
+        rl = limiter(server, clock, streams=1)
+        take = rl._take
+
+        async def reply_lost(**kwargs: Any) -> Any:
+            await take(**kwargs)  # the script runs...
+            raise RedisConnectionError("Connection closed by server.")  # ...its reply is lost
+
+        rl._take = reply_lost  # type: ignore[assignment]
+        with pytest.raises(RedisConnectionError):
+            await rl.admit(ALICE, stream=True)
+        rl._take = take
+        await _until_no_slot(server, 5)
+        async with await rl.admit(ALICE, stream=True):
+            pass
+
+    run(go)
