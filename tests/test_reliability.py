@@ -16,7 +16,7 @@ import pytest
 from httpx_sse import connect_sse
 from redis import Redis
 
-from devstack.processes import Proc
+from devstack.processes import Proc, wait_for
 from shared.keys import Keys
 from shared.protocol import DoneEvent, decode_event
 from tests.stack import OTHER_KEY, Stack, ask, events_of, stream_in_background
@@ -250,20 +250,30 @@ def test_a_full_line_says_429_with_retry_after_and_waiters_see_their_place(
             stack.client() as c,
             connect_sse(c, "POST", "/medgemma", json=ask(name, model="queue-model")) as src,
         ):
-            results[name] = [(e.event, e.data) for e in events_of(src)]
+            for e in events_of(src):
+                results[name].append((e.event, e.data))
 
+    redis = Redis.from_url(stack.redis_url)
     try:
         threads = []
-        for name in ("a", "b", "c"):
+        # a is running (it has an event), then b and c wait in the model's queue (a worker
+        # reads the queue only when it has a free slot, so they stay in the list).
+        for name, ready in (
+            ("a", lambda: bool(results["a"])),
+            ("b", lambda: redis.llen("queue-model") == 1),
+            ("c", lambda: redis.llen("queue-model") == 2),
+        ):
+            results[name] = []
             t = threading.Thread(target=stream, args=(name,))
             t.start()
             threads.append(t)
-            time.sleep(0.4)  # a is running, then b and c wait in line
+            wait_for(ready, 20, f"{name} to be running or in line")
         with stack.client() as c:
             full = c.post("/medgemma", json={**ask("d", model="queue-model"), "stream": False})
         for t in threads:
             t.join(30)
     finally:
+        redis.close()
         worker.stop()
     assert full.status_code == 429
     assert full.json()["error"]["code"] == "queue_full"

@@ -9,14 +9,14 @@ import hashlib
 import io
 import json
 import re
-import time
+from pathlib import Path
 
 import pytest
 from httpx_sse import connect_sse
 from PIL import Image
 from redis import Redis
 
-from devstack.processes import free_port, start_gateway
+from devstack.processes import free_port, start_gateway, wait_for
 from tests.stack import USER_KEY, Stack, ask, events_of, sse_events
 
 pytestmark = pytest.mark.integration
@@ -66,8 +66,12 @@ def _chat_everywhere(stack: Stack, text: str, image_url: str) -> list[str]:
 
 def test_no_patient_text_in_any_log_line(stack: Stack) -> None:
     image_url, b64 = _image_url()
+    finished = stack.logs().count(" finished: ")
     answers = _chat_everywhere(stack, f"My patient {MARKER} has chest pain.", image_url)
-    time.sleep(0.5)  # let the processes flush their last lines
+    # The worker logs a job's end just after publishing it: wait for all four jobs' lines.
+    wait_for(
+        lambda: stack.logs().count(" finished: ") >= finished + 4, 10, "the workers' last lines"
+    )
     logs = stack.logs()
     assert "job " in logs  # the logs were captured
     assert MARKER not in logs
@@ -101,6 +105,17 @@ def test_every_key_a_chat_leaves_expires(stack: Stack) -> None:
     assert list(redis.scan_iter("mg:job:*:image:*")) == []
 
 
+def _audit_lines(audit: Path, before: int, count: int) -> list[str]:
+    """The audit lines after the first ``before``, once there are ``count`` of them (the
+    middleware writes a request's line after its response has gone out)."""
+
+    def written() -> bool:
+        return len(audit.read_text().splitlines()) >= before + count
+
+    wait_for(written, 10, f"{count} audit lines")
+    return audit.read_text().splitlines()[before:]
+
+
 def test_audit_trail_has_one_line_per_request_and_no_text(stack: Stack) -> None:
     audit = stack.workdir / "audit.jsonl"
     before = len(audit.read_text().splitlines()) if audit.exists() else 0
@@ -110,8 +125,7 @@ def test_audit_trail_has_one_line_per_request_and_no_text(stack: Stack) -> None:
         c.get("/models")
     with stack.client(key="bad-key-000") as c:
         c.get("/conversations")
-    time.sleep(0.2)
-    lines = audit.read_text().splitlines()[before:]
+    lines = _audit_lines(audit, before, 3)
     records = [json.loads(line) for line in lines]
     chat = next(x for x in records if x["action"] == "chat.medgemma")
     assert chat["user_id"] == "alice" and chat["job_id"] == r.headers["x-job-id"]
@@ -240,10 +254,9 @@ def test_audit_records_each_outcome(stack: Stack) -> None:
             },
         )
         c.post("/medgemma", json={"model": "tiny-gemma"})  # 422
-    time.sleep(0.2)
     outcomes = {
         (r["action"], r["outcome"], r["status"])
-        for r in map(json.loads, audit.read_text().splitlines()[before:])
+        for r in map(json.loads, _audit_lines(audit, before, 4))
     }
     assert ("chat.medgemma", "ok", 200) in outcomes
     assert ("chat.medgemma", "denied:404", 404) in outcomes
