@@ -179,19 +179,17 @@ class Supervisor:
                 yield _interrupted(job_id)
                 return
             except (RedisError, OSError) as exc:
-                if self._outage_over(w, exc):
+                if await self._ride_out(w, exc):
                     yield _interrupted(job_id)
                     return
-                await asyncio.sleep(OUTAGE_RETRY_S)
                 continue
             try:
                 claim = await self._redis.get(self._keys.job_claim(job_id))
                 update = await self._on_silence(w, None if claim is None else str(claim))
             except (RedisError, OSError) as exc:
-                if self._outage_over(w, exc):
+                if await self._ride_out(w, exc):
                     yield _interrupted(job_id)
                     return
-                await asyncio.sleep(OUTAGE_RETRY_S)
                 continue
             w.outage_since = None
             if update is not None:
@@ -204,13 +202,15 @@ class Supervisor:
         w.progressing = True
         w.phase = Phase.FINISHED if event.type in TERMINAL_TYPES else Phase.RUNNING
 
-    def _outage_over(self, w: _Watch, exc: BaseException) -> bool:
-        """Note a failed read; True once the outage has lasted longer than allowed."""
+    async def _ride_out(self, w: _Watch, exc: BaseException) -> bool:
+        """Note a failed read and wait a moment before the next; True (at once) once the
+        outage has lasted longer than allowed."""
         now = time.monotonic()
         if w.outage_since is None:
             w.outage_since = now
             logger.warning("job %s: Redis unreachable (%s); retrying", w.job_id, type(exc).__name__)
         if now - w.outage_since < self._outage_s:
+            await asyncio.sleep(OUTAGE_RETRY_S)
             return False
         logger.warning("job %s: stream ended after %.0fs without Redis", w.job_id, self._outage_s)
         return True
