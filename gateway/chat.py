@@ -18,7 +18,7 @@ from redis.asyncio.client import Pipeline
 from gateway.auth import Principal
 from gateway.conversations import ConversationStore
 from gateway.errors import APIError
-from gateway.giveback import GiveBack
+from gateway.giveback import GiveBack, Release
 from gateway.images import RawImage
 from gateway.jobs import JobService
 from gateway.relay import Subscription
@@ -112,7 +112,7 @@ class ChatService:
             except BaseException:
                 # The lock may have been taken with its reply lost: give it back (the
                 # release only deletes a lock that names this job).
-                self._unlock_later(ref, job_id)
+                self._give_back.later("conversation lock", self._unlocker(ref, job_id))
                 raise
             if stored is None:
                 raise APIError(
@@ -171,20 +171,14 @@ class ChatService:
         """Give back what a turn that was never enqueued holds: the conversation's lock and
         the images stored for it (retried in the background while Redis is unreachable)."""
         if ref is not None:
-            await self._give_back.now_or_later(
-                "conversation lock",
-                lambda: self.conversations.unlock(ref.user_id, ref.conversation_id, job_id),
-            )
+            await self._give_back.now_or_later("conversation lock", self._unlocker(ref, job_id))
         if images:
             await self._give_back.now_or_later(
                 "turn's images", lambda: self.jobs.discard_images(job_id, images)
             )
 
-    def _unlock_later(self, ref: ConversationRef, job_id: str) -> None:
-        self._give_back.later(
-            "conversation lock",
-            lambda: self.conversations.unlock(ref.user_id, ref.conversation_id, job_id),
-        )
+    def _unlocker(self, ref: ConversationRef, job_id: str) -> Release:
+        return lambda: self.conversations.unlock(ref.user_id, ref.conversation_id, job_id)
 
     def _check_images(self, entry: ModelEntry, messages: Sequence[PendingMessage]) -> None:
         count = sum(isinstance(p, RawImage) for m in messages for p in m.parts)

@@ -71,10 +71,6 @@ class GiveBack:
                 logger.info("%s given back after %d tries", what, tries)
                 return
 
-    @property
-    def pending(self) -> int:
-        return len(self._tasks)
-
     async def aclose(self) -> None:
         """Stop the retries (what they hold then expires by itself)."""
         for task in list(self._tasks):

@@ -91,7 +91,11 @@ class JobService:
         return None if raw is None else JobMeta.model_validate_json(raw)
 
     async def cancel(self, job_id: str) -> None:
-        """Ask whichever worker runs (or will pick up) the job to stop. Idempotent."""
+        """Stop the job. One that no worker has claimed is ended here, at once, by the fenced
+        end script (its lock, slot and images are free now, and no worker will start it);
+        otherwise the worker that holds it is asked to stop and ends it. Idempotent."""
+        if await self.supervisor.cancel_unclaimed(job_id):
+            return
         pipe = self._redis.pipeline(transaction=True)
         pipe.set(self._keys.job_cancel(job_id), "1", ex=self._job_ttl_s)
         pipe.publish(self._keys.cancel_channel, job_id)
@@ -146,7 +150,6 @@ class JobService:
             watchers = int(await self._redis.get(self._keys.job_watchers(job_id)) or 0)
             if watchers <= 0:
                 await self.cancel(job_id)
-                await self.supervisor.cancel_unclaimed(job_id)
         except (RedisError, OSError) as exc:
             logger.warning("could not cancel abandoned job %s: %s", job_id, type(exc).__name__)
 

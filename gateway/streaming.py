@@ -314,7 +314,6 @@ class JobStream:
                     await answer
                 with contextlib.suppress(RedisError, OSError):  # the answer goes out anyway
                     await self._jobs.cancel(self.job_id)
-                    await self._jobs.supervisor.cancel_unclaimed(self.job_id)
                 info = ErrorInfo(
                     message="The gateway is restarting; this answer was stopped. Send the "
                     "request again.",

@@ -276,10 +276,9 @@ class Supervisor:
         return ErrorEvent(job_id=w.job_id, seq=seq, error=info)
 
     async def cancel_unclaimed(self, job_id: str) -> bool:
-        """End a cancelled job that no worker has claimed with a ``cancelled`` done event,
-        through the fenced script: its lock, slot and images are free now, not when a worker
-        gets to it (or, if none ever does, when their TTLs run out). False if a worker holds
-        it (that worker ends it on the cancel flag)."""
+        """End a job that no worker has claimed with a ``cancelled`` done event, through the
+        fenced script: its lock, slot and images are free now, not when a worker gets to it
+        (or, if none ever does, when their TTLs run out). False if a worker holds it."""
         none = Usage(prompt_tokens=0, completion_tokens=0, total_tokens=0)
         done = DoneEvent(job_id=job_id, seq=1, finish_reason="cancelled", usage=none)
         seq = await self._write_end(job_id, "", done.model_dump_json(exclude={"seq"}))
