@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from typing import Any
 
 import anyio
@@ -101,6 +101,13 @@ class JobService:
         pipe.publish(self._keys.cancel_channel, job_id)
         await pipe.execute()
         logger.info("job %s cancelled", job_id)
+        self._spawn(self.supervisor.see_cancelled_through(job_id))
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        """Run ``work`` in the background, past the request that started it."""
+        task = asyncio.create_task(work)
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
 
     @contextlib.asynccontextmanager
     async def watching(self, job_id: str) -> AsyncIterator[None]:
@@ -140,9 +147,7 @@ class JobService:
 
     def abandoned(self, job_id: str) -> None:
         """The client left mid-stream: cancel the job unless a client resumes it in time."""
-        task = asyncio.create_task(self._cancel_if_abandoned(job_id))
-        self._pending.add(task)
-        task.add_done_callback(self._pending.discard)
+        self._spawn(self._cancel_if_abandoned(job_id))
 
     async def _cancel_if_abandoned(self, job_id: str) -> None:
         await asyncio.sleep(self.resume_grace_s)

@@ -286,6 +286,37 @@ class Supervisor:
             logger.info("job %s: cancelled before any worker took it", job_id)
         return seq is not None
 
+    async def see_cancelled_through(self, job_id: str) -> None:
+        """Make sure a cancelled job that a worker holds ends, when no client follows it.
+
+        Its worker normally stops it within a token and writes the ``cancelled`` end. If the
+        worker is lost meanwhile (killed, stopped, cut off: its claim lapses without a
+        terminal event), or keeps the job past the idle timeout, the fenced script ends it
+        here, so its lock, slot and images are free now and not when their TTLs run out."""
+        claim_key = self._keys.job_claim(job_id)
+        give_up_at = time.monotonic() + self._idle_timeout_s
+        stop_at = give_up_at + self._outage_s
+        none = Usage(prompt_tokens=0, completion_tokens=0, total_tokens=0)
+        done = DoneEvent(job_id=job_id, seq=1, finish_reason="cancelled", usage=none)
+        body = done.model_dump_json(exclude={"seq"})
+        while time.monotonic() < stop_at:
+            await asyncio.sleep(LEASE_CHECK_S)
+            try:
+                raw = await self._redis.get(claim_key)
+                claim = "" if raw is None else str(raw)
+                if claim.startswith(DONE_PREFIX):
+                    return  # ended: by its worker, or by a gateway
+                if claim and time.monotonic() < give_up_at:
+                    continue  # its worker holds it and will stop it
+                if await self._write_end(job_id, claim, body) is not None:
+                    logger.warning("job %s: cancelled, and ended by the gateway", job_id)
+                    return
+            except (RedisError, OSError) as exc:
+                logger.warning(
+                    "job %s: cannot see the cancel through yet: %s", job_id, type(exc).__name__
+                )
+        logger.warning("job %s: cancelled, its end not seen", job_id)
+
     async def _write_end(self, job_id: str, seen: str, body: str) -> int | None:
         """Run the fenced end script; the event's seq, or None if the claim is not ``seen``."""
         raw = await self._redis.get(self._keys.job_payload(job_id))

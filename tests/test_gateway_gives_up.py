@@ -149,3 +149,42 @@ def test_an_abandoned_turn_still_in_line_frees_its_conversation_at_once(single: 
     assert response.status_code == 200, response.text  # not 409 conversation_busy
     busy.join(30)
     worker.stop()
+
+
+def test_an_abandoned_answer_whose_worker_is_lost_frees_its_conversation(single: Stack) -> None:
+    """The client leaves mid-answer; before its worker sees the cancel, the worker stops
+    (SIGSTOP: its lease lapses) and no client follows the job to notice. The gateway that
+    cancelled it sees the cancel through: it ends the job (`cancelled`, fenced) once the claim
+    lapses, so the conversation is free at once; the worker, once it runs again, writes
+    nothing more to the job and serves the next turn."""
+    worker = single.add_worker("slow-model")
+    pid = worker.popen.pid
+    body = {**ask("a long answer", model="slow-model"), "conversation_id": "c-left-lost"}
+    with single.client() as c, connect_sse(c, "POST", "/medgemma", json=body) as src:
+        job_id = src.response.headers["x-job-id"]
+        for n, _ in enumerate(events_of(src), 1):
+            if n == 3:  # tokens flow
+                break
+    os.kill(pid, signal.SIGSTOP)  # the client is gone; the worker stops before the cancel
+    redis = Redis.from_url(single.redis_url, decode_responses=True)
+    try:
+        wait_for(
+            lambda: redis.get(f"mg:job:{job_id}:claim") == "done:gateway",
+            20,
+            "the gateway to end the cancelled job its worker lost",
+        )
+        # The worker is still stopped, and the turn lock is already free.
+        assert list(redis.scan_iter("mg:conv:*:c-left-lost:lock")) == []
+        last = json.loads(redis.xrevrange(f"mg:job:{job_id}:log", count=1)[0][1]["e"])
+        assert (last["type"], last["finish_reason"]) == ("done", "cancelled")
+        os.kill(pid, signal.SIGCONT)
+        wait_ready(single.port, "slow-model", 20)  # the resumed worker beats again
+        with single.client() as c:
+            again = {**body, "user_message": ask("short please")["user_message"]}
+            response = c.post("/medgemma", json={**again, "stream": False})
+        assert response.status_code == 200, response.text  # not 409 conversation_busy
+        assert _log_ids(single, job_id)[-1] == int(last["seq"])  # it wrote nothing more
+    finally:
+        os.kill(pid, signal.SIGCONT)
+        redis.close()
+    worker.stop()
