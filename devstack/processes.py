@@ -16,7 +16,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
@@ -109,17 +109,21 @@ def start_redis(
     password: str | None = None,
     *,
     appendonly: bool = False,
+    host: str = "127.0.0.1",
+    launcher: Sequence[str] = (),
+    extra: Sequence[str] = (),
 ) -> Proc:
-    """A redis-server on ``port`` with its data in ``workdir``. ``appendonly``: persist every
-    write to an append-only file there, as the compose Redis does, so a server restarted on
-    the same ``workdir`` comes back with its data."""
+    """A redis-server on ``host:port`` with its data in ``workdir``. ``appendonly``: persist
+    every write to an append-only file there, as the compose Redis does, so a server restarted
+    on the same ``workdir`` comes back with its data. ``launcher`` runs it elsewhere (e.g. on a
+    :mod:`devstack.netbed` host); ``extra``: more redis-server options."""
     workdir.mkdir(parents=True, exist_ok=True)
     argv = [
         redis_server_binary(),
         "--port",
         str(port),
         "--bind",
-        "127.0.0.1",
+        host,
         "--dir",
         str(workdir),
         "--save",
@@ -129,11 +133,11 @@ def start_redis(
     ]
     if password:
         argv += ["--requirepass", password]
-    proc = spawn("redis", argv, {}, log_path)
+    proc = spawn("redis", [*launcher, *argv, *extra], {}, log_path)
 
     def up() -> bool:
         try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+            with socket.create_connection((host, port), timeout=0.2):
                 return True
         except OSError:
             return False
@@ -142,21 +146,30 @@ def start_redis(
     return proc
 
 
-def start_worker(env: Mapping[str, str], log_path: Path | None = None) -> Proc:
-    return spawn("worker", [sys.executable, "-m", "worker"], env, log_path)
+def start_worker(
+    env: Mapping[str, str], log_path: Path | None = None, *, launcher: Sequence[str] = ()
+) -> Proc:
+    return spawn("worker", [*launcher, sys.executable, "-m", "worker"], env, log_path)
 
 
-def start_gateway(env: Mapping[str, str], port: int, log_path: Path | None = None) -> Proc:
+def start_gateway(
+    env: Mapping[str, str],
+    port: int,
+    log_path: Path | None = None,
+    *,
+    host: str = "127.0.0.1",
+    launcher: Sequence[str] = (),
+) -> Proc:
     proc = spawn(
         "gateway",
-        [sys.executable, "-m", "gateway"],
-        {**env, "GATEWAY_HOST": "127.0.0.1", "GATEWAY_PORT": str(port)},
+        [*launcher, sys.executable, "-m", "gateway"],
+        {**env, "GATEWAY_HOST": host, "GATEWAY_PORT": str(port)},
         log_path,
     )
 
     def up() -> bool:
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=0.5):
+            with urllib.request.urlopen(f"http://{host}:{port}/healthz", timeout=0.5):
                 return True
         except (urllib.error.URLError, OSError):
             return False
@@ -165,13 +178,15 @@ def start_gateway(env: Mapping[str, str], port: int, log_path: Path | None = Non
     return proc
 
 
-def wait_ready(port: int, model: str, timeout_s: float, proc: Proc | None = None) -> None:
+def wait_ready(
+    port: int, model: str, timeout_s: float, proc: Proc | None = None, host: str = "127.0.0.1"
+) -> None:
     """Wait until /readyz reports a live worker for ``model``."""
     import json
 
     def ready() -> bool:
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=1) as r:
+            with urllib.request.urlopen(f"http://{host}:{port}/readyz", timeout=1) as r:
                 body = json.load(r)
         except urllib.error.HTTPError as e:
             body = json.load(e)

@@ -12,10 +12,11 @@ import json
 import os
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import httpx
 from httpx_sse import EventSource, ServerSentEvent, connect_sse
@@ -161,28 +162,11 @@ class Stack:
             p.stop()
 
 
-def start_stack(
-    workdir: Path,
-    tiny_dir: Path,
-    *,
-    workers: int = 1,
-    only: set[str] | None = None,
-    redis_url: str | None = None,
-    settings: dict[str, str] | None = None,
-    appendonly: bool = False,
-) -> Stack:
-    """``appendonly``: Redis persists every write (as in compose), so a test can restart it."""
-    workdir.mkdir(parents=True, exist_ok=True)
-    registry = write_registry(workdir / "models.json", tiny_dir, only)
-    procs: list[Proc] = []
-    redis_url = redis_url or os.environ.get("TEST_REDIS_URL")
-    if not redis_url:
-        rport = free_port()
-        procs.append(
-            start_redis(rport, workdir / "redis", workdir / "redis.log", appendonly=appendonly)
-        )
-        redis_url = f"redis://127.0.0.1:{rport}/0"
-    env = {
+def stack_env(
+    redis_url: str, registry: Path, workdir: Path, settings: dict[str, str] | None = None
+) -> dict[str, str]:
+    """The settings every test stack's gateway and workers run with (``settings`` on top)."""
+    return {
         "REDIS_URL": redis_url,
         "MODELS_FILE": str(registry),
         "GATEWAY_API_KEYS": API_KEYS,
@@ -205,6 +189,30 @@ def start_stack(
         "TOKENIZERS_PARALLELISM": "false",
         **(settings or {}),
     }
+
+
+def start_stack(
+    workdir: Path,
+    tiny_dir: Path,
+    *,
+    workers: int = 1,
+    only: set[str] | None = None,
+    redis_url: str | None = None,
+    settings: dict[str, str] | None = None,
+    appendonly: bool = False,
+) -> Stack:
+    """``appendonly``: Redis persists every write (as in compose), so a test can restart it."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    registry = write_registry(workdir / "models.json", tiny_dir, only)
+    procs: list[Proc] = []
+    redis_url = redis_url or os.environ.get("TEST_REDIS_URL")
+    if not redis_url:
+        rport = free_port()
+        procs.append(
+            start_redis(rport, workdir / "redis", workdir / "redis.log", appendonly=appendonly)
+        )
+        redis_url = f"redis://127.0.0.1:{rport}/0"
+    env = stack_env(redis_url, registry, workdir, settings)
     port = free_port()
     stack = Stack(workdir=workdir, redis_url=redis_url, port=port, env=env, procs=procs)
     try:
@@ -280,6 +288,7 @@ class BackgroundStream:
 
     events: list[tuple[str, str]] = field(default_factory=list)
     ids: list[str] = field(default_factory=list)
+    at: list[float] = field(default_factory=list)  # each event's arrival (time.monotonic())
     job_id: str = ""
     _seen: threading.Condition = field(default_factory=threading.Condition)
     _thread: threading.Thread | None = None
@@ -297,7 +306,11 @@ class BackgroundStream:
         return self._thread is not None and self._thread.is_alive()
 
 
-def stream_in_background(stack: Stack, body: dict[str, Any]) -> BackgroundStream:
+class HasClient(Protocol):
+    def client(self) -> httpx.Client: ...
+
+
+def stream_in_background(stack: HasClient, body: dict[str, Any]) -> BackgroundStream:
     """POST ``body`` to /medgemma and read its events on a thread until the stream ends."""
     bg = BackgroundStream()
 
@@ -308,6 +321,7 @@ def stream_in_background(stack: Stack, body: dict[str, Any]) -> BackgroundStream
                 with bg._seen:
                     bg.events.append((e.event, e.data))
                     bg.ids.append(e.id or "")
+                    bg.at.append(time.monotonic())
                     bg._seen.notify_all()
 
     bg._thread = threading.Thread(target=read)

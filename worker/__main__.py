@@ -17,6 +17,7 @@ from typing import Any
 
 from celery import signals
 from redis.backoff import ExponentialBackoff
+from redis.exceptions import ConnectionError
 from redis.retry import Retry
 
 from shared.keys import Keys
@@ -36,8 +37,12 @@ from worker.torch_env import prepare_cpu_compile
 # A command that meets a dropped connection (a Redis restart, a failover) is retried for
 # about 1.8 s (0.05, 0.1, ... capped at 0.5 s), well inside the job's lease: a running
 # answer rides out a short outage. Writes are safe to retry: token writes are idempotent by
-# their stream id (worker/events.py), everything else is fenced or compare-and-set.
-RIDE_OUT = Retry(ExponentialBackoff(cap=0.5, base=0.05), retries=6)
+# their stream id (worker/events.py), everything else is fenced or compare-and-set. A reply
+# that does not come (a cut link: every packet dropped) is not retried: after
+# WORKER_REDIS_TIMEOUT_S the job stops and is left to the gateway to hand over.
+RIDE_OUT = Retry(
+    ExponentialBackoff(cap=0.5, base=0.05), retries=6, supported_errors=(ConnectionError,)
+)
 
 logger = logging.getLogger("worker")
 
@@ -129,12 +134,18 @@ def main() -> int:
     # Every job thread shares these clients: one connection each at most, plus the cancel
     # listener, heartbeat and lease threads.
     pool = settings.worker_concurrency + 4
+    timeouts: dict[str, Any] = {
+        "socket_timeout": settings.worker_redis_timeout_s,
+        "socket_connect_timeout": settings.worker_redis_timeout_s,
+        "socket_keepalive": True,
+    }
     redis = sync_redis(
         settings.redis_url,
         max_connections=pool,
         decode_responses=True,
         health_check_interval=30,
         retry=RIDE_OUT,
+        **timeouts,
     )
     keys = Keys(settings.key_prefix)
     cancels = CancelWatcher(redis, keys)
@@ -146,7 +157,11 @@ def main() -> int:
         done_ttl_s=settings.job_ttl_s,
     )
     blobs = sync_redis(
-        settings.redis_url, max_connections=pool, health_check_interval=30, retry=RIDE_OUT
+        settings.redis_url,
+        max_connections=pool,
+        health_check_interval=30,
+        retry=RIDE_OUT,
+        **timeouts,
     )
     runner = JobRunner(
         redis,

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 
 from redis import Redis
 from redis.exceptions import RedisError
@@ -58,6 +59,7 @@ class LeaseKeeper:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._renewed_at = time.monotonic()  # the last time every held claim was renewed
         self._renew = redis.register_script(_RENEW)
         self._finish = redis.register_script(_FINISH)
 
@@ -65,6 +67,8 @@ class LeaseKeeper:
         ok = self._redis.set(self._keys.job_claim(job_id), self.worker_id, nx=True, px=self._ttl_ms)
         if ok:
             with self._lock:
+                if not self._held:
+                    self._renewed_at = time.monotonic()
                 self._held.add(job_id)
         return bool(ok)
 
@@ -108,8 +112,22 @@ class LeaseKeeper:
         try:
             results = pipe.execute()
         except RedisError as exc:
-            logger.warning("lease renewal failed: %s", type(exc).__name__)
+            silent_s = time.monotonic() - self._renewed_at
+            if silent_s < self._ttl_ms / 1000:
+                logger.warning("lease renewal failed: %s", type(exc).__name__)
+                return
+            # Not renewed for a whole lease: the claims have lapsed in Redis (or will before
+            # any write lands); the jobs are the gateway's to hand over. Stop them here.
+            logger.warning(
+                "leases lapsed: Redis unreachable for %.1fs (%s); stopping %d job(s)",
+                silent_s,
+                type(exc).__name__,
+                len(held),
+            )
+            with self._lock:
+                self._lost.update(j for j in held if j in self._held)
             return
+        self._renewed_at = time.monotonic()
         for job_id, ok in zip(held, results, strict=True):
             if not ok:
                 logger.warning("job %s: lease lost; another worker continues it", job_id)

@@ -84,6 +84,13 @@ class WorkerSettings(CommonSettings):
         description="A worker's lease on a running job; renewed every second. If the worker "
         "dies, its jobs are handed over to another worker once the lease lapses.",
     )
+    worker_redis_timeout_s: float = Field(
+        default=5.0,
+        gt=0,
+        description="Longest a worker waits for one Redis reply. A worker cut off from Redis "
+        "(a link that drops every packet) stops its jobs after this (their leases lapse and "
+        "the gateway hands them over) instead of generating for nobody.",
+    )
     worker_disable_prefetch: bool = Field(
         default=True,
         description="Take a job off the queue only when a slot is free (Celery's "
