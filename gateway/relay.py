@@ -108,7 +108,7 @@ class Relay:
             for sub in subs:
                 sub.break_()
         with contextlib.suppress(RedisError):
-            await self._pubsub.aclose()  # type: ignore[no-untyped-call]
+            await self._pubsub.aclose()
 
     async def _read(self) -> None:
         while True:

@@ -90,7 +90,7 @@ def sync_redis(
             url, max_connections=max_connections, timeout=pool_timeout_s, **kwargs
         )
         return redis.Redis.from_pool(pool)
-    sentinel = redis.sentinel.Sentinel(  # type: ignore[no-untyped-call]
+    sentinel = redis.sentinel.Sentinel(
         target.sentinels,
         sentinel_kwargs={"password": target.sentinel_password},
         password=target.password,
@@ -98,9 +98,9 @@ def sync_redis(
         **kwargs,
     )
     if max_connections is None:
-        master: redis.Redis = sentinel.master_for(target.master)  # type: ignore[no-untyped-call]
+        master: redis.Redis = sentinel.master_for(target.master)
     else:
-        master = sentinel.master_for(  # type: ignore[no-untyped-call]
+        master = sentinel.master_for(
             target.master,
             connection_pool_class=_BlockingSentinelSyncPool,
             max_connections=max_connections,
@@ -127,7 +127,7 @@ def async_redis(
             url, max_connections=max_connections, timeout=pool_timeout_s, **kwargs
         )
         return redis.asyncio.Redis.from_pool(pool)
-    sentinel = redis.asyncio.sentinel.Sentinel(  # type: ignore[no-untyped-call]
+    sentinel = redis.asyncio.sentinel.Sentinel(
         target.sentinels,
         sentinel_kwargs={"password": target.sentinel_password},
         password=target.password,

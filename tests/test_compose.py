@@ -542,7 +542,10 @@ def test_dockerfile_gateway() -> None:
         assert not re.search(rf"\b{package}\b", text), (
             f"Dockerfile.gateway mentions {package}; the gateway image must have no ML packages"
         )
-    allowed = {"pyproject.toml", "README.md", "models.json", "gateway", "shared"}
+    assert re.search(r"pip install[^&;]*-c constraints\.txt[^&;]*\.\[gateway\]", runs), (
+        "Dockerfile.gateway must install with the tested versions: `-c constraints.txt`"
+    )
+    allowed = {"pyproject.toml", "README.md", "constraints.txt", "models.json", "gateway", "shared"}
     for kw, args in instructions:
         if kw == "COPY":
             sources = [a for a in args.split() if not a.startswith("--")][:-1]
@@ -570,6 +573,9 @@ def test_dockerfile_worker() -> None:
         "Dockerfile.worker must install torch from a CUDA index, download.pytorch.org/whl/cu*"
     )
     assert extra_at is not None, "Dockerfile.worker must `pip install .[worker]`"
+    assert "-c constraints.txt" in pip[extra_at], (
+        "Dockerfile.worker must install .[worker] with the tested versions: `-c constraints.txt`"
+    )
     assert torch_at < extra_at, (
         "Dockerfile.worker must install torch==2.13.0 in its own pip command BEFORE .[worker], "
         "so that pip never picks another torch build"

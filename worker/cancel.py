@@ -43,7 +43,7 @@ class CancelWatcher:
 
     def _listen(self) -> None:
         while not self._stop.is_set():
-            pubsub = self._redis.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
+            pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
             try:
                 pubsub.subscribe(self._keys.cancel_channel)
                 while not self._stop.is_set():
