@@ -94,7 +94,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
             health_check_interval=15,
         )
         keys = Keys(settings.key_prefix)
-        relay = Relay(redis, keys)
+        relay = Relay(redis, keys, coalesce=settings.gateway_coalesce_max_events)
         await relay.start()
         celery = Celery("medgemma-gateway")
         celery.conf.update(celery_options(settings.redis_url))

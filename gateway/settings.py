@@ -40,6 +40,15 @@ class GatewaySettings(CommonSettings):
         description="Longest silence between two events of a running job before the stream "
         "ends with a worker_timeout error.",
     )
+    gateway_coalesce_max_events: int = Field(
+        default=16,
+        ge=0,
+        le=1024,
+        description="When a stream falls behind (its client or this gateway is slower than "
+        "the worker), at most this many waiting token events are sent as one frame (one SSE "
+        "event, or one OpenAI chunk, with their joined text). A stream that keeps up gets one "
+        "frame per event. 0: never joined.",
+    )
     gateway_redis_outage_s: float = Field(
         default=15.0,
         gt=0,

@@ -118,6 +118,15 @@ def write_registry(dest: Path, tiny_dir: Path, only: set[str] | None = None) -> 
             max_new_tokens=200,
             context_length=4096,
         ),
+        # Faster than one Redis round trip per token: the worker joins tokens into events.
+        tiny_entry(
+            "fast-model",
+            "unused",
+            engine="loadtest",
+            loadtest_tokens_per_s=20000,
+            max_new_tokens=2000,
+            context_length=4096,
+        ),
     ]
     models.append(json.loads((Path(__file__).parent.parent / "models.json").read_text())[1])
     if only is not None:

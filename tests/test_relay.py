@@ -139,3 +139,65 @@ def test_many_streams_share_one_pubsub_connection(redis_url: str) -> None:
     conns, lens = run_with_relay(redis_url, many)
     assert conns == 1
     assert lens == [2] * 50
+
+
+def run_coalescing(url: str, fn, limit: int = 8):  # type: ignore[no-untyped-def]
+    async def main():  # type: ignore[no-untyped-def]
+        redis = AsyncRedis.from_url(url, decode_responses=True)
+        relay = Relay(redis, KEYS, coalesce=limit)
+        await relay.start()
+        try:
+            return await fn(relay)
+        finally:
+            await relay.stop()
+            await redis.aclose()
+
+    return anyio.run(main)
+
+
+def test_a_reader_behind_gets_the_waiting_tokens_joined_and_resumes_exactly(
+    redis_url: str,
+) -> None:
+    texts = [f"t{i} " for i in range(50)]
+    publish(redis_url, "job-behind", texts)  # all written before the reader looks
+    got = run_coalescing(redis_url, lambda relay: collect(relay, "job-behind"))
+    # Runs of at most 8 token events, each carrying its run's text and last sequence number.
+    assert [s for s, _ in got] == [8, 16, 24, 32, 40, 48, 50, 51]
+    assert "".join(t for _, t in got[:-1]) == "".join(texts) and got[-1] == (51, "done")
+    # A client that resumes after a joined event's id continues exactly after its text.
+    rest = run_coalescing(redis_url, lambda relay: collect(relay, "job-behind", after=16))
+    assert "".join(t for _, t in rest[:-1]) == "".join(texts[16:])
+
+
+def test_live_tokens_that_pile_up_are_joined_and_one_that_keeps_up_is_not(
+    redis_url: str,
+) -> None:
+    pub = EventPublisher(
+        Redis.from_url(redis_url, decode_responses=True), KEYS, "job-pile", ttl_s=60
+    )
+
+    async def read(relay: Relay) -> list[tuple[int, str]]:
+        out: list[tuple[int, str]] = []
+        async with relay.subscribe("job-pile") as sub:
+            pub.token("a ")
+            events = relay.events(sub, first_timeout_s=5, idle_timeout_s=5)
+            async for ev in events:
+                out.append((ev.seq, getattr(ev, "text", ev.type)))
+                if ev.seq < 5:  # keeping up: the next token comes after this one was read
+                    pub.token(f"{'bcde'[ev.seq - 1]} ")
+                elif ev.seq == 5:  # falls behind: twenty tokens and the end pile up
+                    for i in range(20):
+                        pub.token(f"p{i} ")
+                    usage = Usage(prompt_tokens=1, completion_tokens=25, total_tokens=26)
+                    pub.done("stop", usage, disclaimer=None)
+                    with anyio.fail_after(5):  # the relay's reader has queued them all
+                        while sub.queue.qsize() < 21:  # noqa: ASYNC110 - a queue size
+                            await anyio.sleep(0.01)
+        return out
+
+    got = run_coalescing(redis_url, read)
+    assert got[:5] == [(1, "a "), (2, "b "), (3, "c "), (4, "d "), (5, "e ")]
+    piled = got[5:-1]
+    assert "".join(t for _, t in piled) == "".join(f"p{i} " for i in range(20))
+    assert len(piled) == 3 and [s for s, _ in piled] == [13, 21, 25]  # 8 + 8 + 4
+    assert got[-1] == (26, "done")

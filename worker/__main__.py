@@ -32,6 +32,7 @@ from worker.heartbeat import Heartbeat
 from worker.lease import LeaseKeeper
 from worker.runner import JobRunner, RunnerConfig
 from worker.settings import WorkerSettings
+from worker.token_writer import TokenWriter
 from worker.torch_env import prepare_cpu_compile
 
 # A command that meets a dropped connection (a Redis restart, a failover) is retried for
@@ -132,8 +133,8 @@ def main() -> int:
     # Compile and capture now: the worker announces itself only once Celery consumes.
     engine.warmup()
     # Every job thread shares these clients: one connection each at most, plus the cancel
-    # listener, heartbeat and lease threads.
-    pool = settings.worker_concurrency + 4
+    # listener, heartbeat, lease and token-writer threads.
+    pool = settings.worker_concurrency + 5
     timeouts: dict[str, Any] = {
         "socket_timeout": settings.worker_redis_timeout_s,
         "socket_connect_timeout": settings.worker_redis_timeout_s,
@@ -163,6 +164,8 @@ def main() -> int:
         retry=RIDE_OUT,
         **timeouts,
     )
+    writer = TokenWriter(redis, max_deltas=settings.worker_coalesce_max_tokens)
+    writer.start()
     runner = JobRunner(
         redis,
         blobs,
@@ -177,6 +180,7 @@ def main() -> int:
         ),
         cancels=cancels,
         leases=leases,
+        writer=writer,
     )
     started = time.time()
 
@@ -202,6 +206,8 @@ def main() -> int:
             return "the cancel listener died"
         if not leases.alive():
             return "the lease keeper died"
+        if not writer.alive():
+            return "the token writer died"
         return None
 
     heartbeat = Heartbeat(
@@ -253,6 +259,7 @@ def main() -> int:
             ]
         )
     finally:
+        writer.stop()
         engine.close()  # the batch manager's thread would keep the process alive
     return 0
 

@@ -6,6 +6,11 @@ log with the first and the terminal event (a TTL, never MAXLEN: trimming would b
 cursors), then ``PUBLISH`` on the live channel. Because the log is written before the
 publish, a reader that subscribes first and then reads the log can never miss an event.
 
+**Tokens go through the worker's writer** (:mod:`worker.token_writer`) when one is given: the
+job's thread hands over each delta and decodes on; one thread writes every job's waiting
+deltas in one pipelined round trip, joining a job's deltas into one event when Redis falls
+behind. The terminal event waits for the job's tokens to be written first.
+
 **Fenced by the claim** (``owner``): a token is written by one script that first checks that
 the job's claim still names this worker, and the terminal event's transaction runs under
 ``WATCH`` of the claim. A worker that lost its lease (paused past it, say, while another worker
@@ -24,6 +29,7 @@ from redis.exceptions import WatchError
 from shared.errors import ErrorCode, ErrorInfo
 from shared.keys import Keys
 from shared.protocol import DoneEvent, ErrorEvent, TokenEvent, Usage, encode_event
+from worker.token_writer import Outbox, TokenWriter
 
 if TYPE_CHECKING:
     from redis.client import Pipeline
@@ -66,6 +72,7 @@ class EventPublisher:
         ttl_s: int,
         start_seq: int = 0,
         owner: str | None = None,
+        writer: TokenWriter | None = None,
     ) -> None:
         self._redis = redis
         self._owner = owner  # the worker id the claim must hold; None: unfenced (tests)
@@ -77,6 +84,8 @@ class EventPublisher:
         self.terminal_sent = False
         self._ttl_set = False
         self.on_terminal: list[PipelineHook] = []  # run inside the done/error transaction
+        self._writer = writer if owner is not None else None  # only fenced writes go there
+        self._outbox = Outbox(job_id, write=self._queue_tokens, check=self._check_written)
 
     def _next(self) -> int:
         self.seq += 1
@@ -141,7 +150,40 @@ class EventPublisher:
             pipe.execute()
 
     def token(self, text: str) -> None:
+        if self._writer is not None:
+            self._writer.put(self._outbox, text)  # raises what earlier writes ran into
+            return
         self.emit(TokenEvent(job_id=self.job_id, seq=self._next(), text=text))
+
+    def _queue_tokens(self, pipe: Pipeline, deltas: list[str]) -> int:
+        """On the writer's thread: this job's waiting deltas as fenced token events on
+        ``pipe``, at most ``max_deltas`` joined into one (0: one event each)."""
+        assert self._writer is not None and self._owner is not None
+        size = self._writer.max_deltas or 1
+        claim = self._keys.job_claim(self.job_id)
+        log, channel = self._keys.job_log(self.job_id), self._keys.job_channel(self.job_id)
+        groups = [deltas[i : i + size] for i in range(0, len(deltas), size)]
+        for group in groups:
+            event = TokenEvent(job_id=self.job_id, seq=self._next(), text="".join(group))
+            ttl = 0 if self._ttl_set else self._ttl_s
+            self._ttl_set = True
+            self._emit_fenced(
+                keys=[claim, log, channel],
+                args=[self._owner, f"{event.seq}-0", encode_event(event), ttl],
+                client=pipe,
+            )
+        return len(groups)
+
+    def _check_written(self, result: object) -> None:
+        if isinstance(result, BaseException):
+            raise result
+        if not result:
+            raise Fenced(self.job_id)
+
+    def _tokens_written(self) -> None:
+        """Before a terminal event: every token of the job is out (so it comes last)."""
+        if self._writer is not None:
+            self._writer.flush(self._outbox)
 
     def done(
         self,
@@ -151,6 +193,7 @@ class EventPublisher:
         disclaimer: str | None,
         also: PipelineHook | None = None,
     ) -> None:
+        self._tokens_written()
         event = DoneEvent(
             job_id=self.job_id,
             seq=self._next(),
@@ -161,5 +204,6 @@ class EventPublisher:
         self.emit(event, also=also)
 
     def error(self, code: ErrorCode, message: str, *, type_: str = "server_error") -> None:
+        self._tokens_written()
         info = ErrorInfo(message=message, type=type_, code=code.value)
         self.emit(ErrorEvent(job_id=self.job_id, seq=self._next(), error=info))

@@ -41,6 +41,7 @@ from worker.engines.base import (
 )
 from worker.events import EventPublisher, Fenced
 from worker.lease import LeaseKeeper
+from worker.token_writer import TokenWriter
 
 if TYPE_CHECKING:
     from redis.client import Pipeline
@@ -72,6 +73,7 @@ class JobRunner:
         *,
         cancels: CancelWatcher | None = None,
         leases: LeaseKeeper | None = None,
+        writer: TokenWriter | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._redis = redis
@@ -82,6 +84,7 @@ class JobRunner:
         self._config = config
         self._clock = clock
         self._cancels = cancels
+        self._writer = writer  # None: each token written by its job's thread (unit tests)
         # Without a running keeper (unit tests) claims simply last claim_ttl_s.
         self._leases = leases or LeaseKeeper(
             redis,
@@ -118,6 +121,7 @@ class JobRunner:
             ttl_s=self._config.job_ttl_s,
             start_seq=last_seq,
             owner=self._config.worker_id,  # every write checks the claim (worker/events.py)
+            writer=self._writer,
         )
         ref = job.conversation
         if ref is not None:

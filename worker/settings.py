@@ -84,6 +84,15 @@ class WorkerSettings(CommonSettings):
         description="A worker's lease on a running job; renewed every second. If the worker "
         "dies, its jobs are handed over to another worker once the lease lapses.",
     )
+    worker_coalesce_max_tokens: int = Field(
+        default=16,
+        ge=0,
+        le=1024,
+        description="Most tokens one token event may carry. One thread writes every running "
+        "job's tokens, one pipelined round trip per flush; when Redis falls behind (a busy "
+        "batch, a distant link) a job's tokens of the last round trip go out as one event. "
+        "0: never joined (one event per token, still pipelined).",
+    )
     worker_redis_timeout_s: float = Field(
         default=5.0,
         gt=0,
