@@ -162,6 +162,8 @@ class _Event(_Message):
 
 
 class TokenEvent(_Event):
+    """The text of one or more tokens (joined when the writer or the relay fell behind)."""
+
     type: Literal["token"] = "token"
     text: str
 
