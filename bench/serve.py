@@ -390,6 +390,7 @@ async def stream_openai(
 _TOKEN_EVENT = b"event: token"
 _DONE_EVENT = b"event: done"
 _ERROR_EVENT = b"event: error"
+_COMPLETION_TOKENS = re.compile(rb'"completion_tokens":\s*(\d+)')
 
 
 async def stream_counted(
@@ -400,12 +401,14 @@ async def stream_counted(
     For relay capacity (``--lean-client``): thousands of streams and tens of thousands of
     events per second from one client process. aiohttp's C parser undoes the HTTP framing;
     each read is searched for event names only. Events that arrive in one read share its
-    time (their gaps count as 0, as with the parsing client). The load-test engine sends one
-    token per event, so completion tokens = token events; the text is not checked."""
+    time (their gaps count as 0, as with the parsing client). A token event may carry several
+    tokens (joined when the worker or the gateway fell behind), so completion tokens are read
+    from the ``done`` event's usage, the one event that is parsed; the text is not checked."""
     sent = time.perf_counter()
     res = RequestResult(index=index, started_s=sent - t0, sent_at=time.time())
     last: float | None = None
     tail = b""
+    ending = b""  # from the terminal event on: its usage names the completion tokens
     try:
         async with session.post(url, json=body) as resp:
             res.status = resp.status
@@ -426,15 +429,19 @@ async def stream_counted(
                     res.itl_s.extend([0.0] * (n - 1))
                     last = now
                     res.token_events += n
-                if res.e2e_s is None and (_DONE_EVENT in data or _ERROR_EVENT in data):
+                if res.e2e_s is not None:
+                    ending += chunk
+                elif _DONE_EVENT in data or _ERROR_EVENT in data:
                     res.e2e_s = now - sent
                     res.ok = _DONE_EVENT in data
                     res.error_code = None if res.ok else "error_event"
-                    res.completion_tokens = res.token_events
+                    ending = data[data.find(_DONE_EVENT if res.ok else _ERROR_EVENT) :]
                     # Read on to the end of the response, so the connection is reused.
                 # An event name may straddle two reads: keep fewer bytes than a whole one.
                 tail = data[-(len(_TOKEN_EVENT) - 1) :]
             if res.e2e_s is not None:
+                used = _COMPLETION_TOKENS.search(ending)
+                res.completion_tokens = int(used.group(1)) if used else res.token_events
                 return res
             res.error_code = "no_terminal_event"
     except (aiohttp.ClientError, OSError, ValueError) as exc:
@@ -1083,6 +1090,12 @@ def print_report(report: dict[str, Any]) -> None:
             "  load phase, cores used per process: "
             + "  ".join(f"{name} {v:.2f}" for name, v in cores.items() if v is not None)
         )
+    per_token = cpu.get("load", {}).get("cpu_us_per_token")
+    if per_token:
+        print(
+            "  CPU per token received, us: "
+            + "  ".join(f"{name} {v:.1f}" for name, v in per_token.items())
+        )
     mem = report.get("gateway_memory_kib")
     if mem:
         print(
@@ -1520,7 +1533,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                 named.update(stack.named_pids())
             meter = CpuMeter(list(named.values()), list(named))
             warm, results, duration = asyncio.run(run_load(args, body))
-            report["cpu"]["load"] = meter.stop()
+            report["cpu"]["load"] = load = meter.stop()
+            # CPU per token the clients received (user + system time over the load phase).
+            received = sum(r.completion_tokens or 0 for r in (*warm, *results))
+            if received and load.get("cores_used"):
+                load["cpu_us_per_token"] = {
+                    name: cores * load["wall_s"] / received * 1e6
+                    for name, cores in load["cores_used"].items()
+                    if cores is not None
+                }
             if stack is not None:
                 report["gateway_memory_kib"] = memory_kib(stack.gateway.popen.pid)
             if stack is not None:
