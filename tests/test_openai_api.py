@@ -136,6 +136,83 @@ def test_v1_models_lists_in_openai_format(stack: Stack) -> None:
     assert "secret-model" in {m.id for m in sdk(stack, ADMIN_KEY).models.list()}
 
 
+def test_v1_models_lists_served_models_first(stack: Stack) -> None:
+    """A front end picks the first model of the list as its default: it must be one that a
+    worker serves (the seed's /models says which with ``available``)."""
+    with stack.client() as c:
+        available = {m["model_name"]: m["available"] for m in c.get("/models").json()}
+    ids = [m.id for m in sdk(stack).models.list()]
+    assert available["tiny-gemma"] and not available["ghost-model"]
+    flags = [available[i] for i in ids]
+    assert flags == sorted(flags, reverse=True), ids  # every served model before the others
+
+
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": f"tool_{i}",
+            "description": "a front end's built-in tool",
+            "parameters": {"type": "object", "properties": {"q": {"type": "string"}}},
+        },
+    }
+    for i in range(3)
+]
+
+
+@pytest.mark.parametrize("choice", [None, "auto", "none"])
+def test_offered_tools_the_model_may_leave_uncalled_are_answered_in_text(
+    stack: Stack, choice: str | None
+) -> None:
+    """Open WebUI attaches its built-in tools to every chat (tool_choice absent): the answer
+    comes in text, as OpenAI's semantics allow, and a header says the tools were not used."""
+    body = {
+        "model": "tiny-gemma",
+        "messages": [{"role": "user", "content": "What is sepsis?"}],
+        "tools": TOOLS,
+        "stream": True,
+        **({"tool_choice": choice} if choice else {}),
+    }
+    with stack.client() as c, connect_sse(c, "POST", "/v1/chat/completions", json=body) as src:
+        assert src.response.status_code == 200
+        assert src.response.headers["x-tools-ignored"] == "true"
+        chunks = [e.data for e in events_of(src)]
+    assert chunks[-1] == "[DONE]"
+    parsed = [json.loads(d) for d in chunks[:-1]]
+    text = "".join(p["choices"][0]["delta"].get("content") or "" for p in parsed)
+    assert text
+    assert all("tool_calls" not in p["choices"][0]["delta"] for p in parsed)
+    assert parsed[-1]["choices"][0]["finish_reason"] in ("stop", "length")
+    with stack.client() as c:  # without tools: no such header
+        plain = c.post("/v1/chat/completions", json={**body, "stream": False, "tools": None})
+    assert plain.status_code == 200 and "x-tools-ignored" not in plain.headers
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("tool_choice", "required"),
+        ("tool_choice", {"type": "function", "function": {"name": "tool_0"}}),
+        ("function_call", {"name": "tool_0"}),
+    ],
+)
+def test_a_request_that_requires_a_tool_call_is_a_clear_400(
+    stack: Stack, field: str, value: object
+) -> None:
+    body = {
+        "model": "tiny-gemma",
+        "messages": [{"role": "user", "content": "Look it up."}],
+        "tools": TOOLS,
+        field: value,
+    }
+    with pytest.raises(openai.BadRequestError) as err:
+        sdk(stack).chat.completions.create(**body)  # type: ignore[call-overload]
+    error = err.value.body
+    assert isinstance(error, dict)
+    assert error["code"] == "unsupported_option" and error["param"] == field
+    assert "does not call" in error["message"]
+
+
 def test_conversation_header_gives_server_side_history(stack: Stack) -> None:
     with stack.client() as c:
         for text in ("First question.", "Second question."):

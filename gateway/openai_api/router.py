@@ -33,11 +33,14 @@ async def chat_completions(
 
 @router.get("/models", summary="Models you may use, in OpenAI's list format")
 async def list_models(state: StateDep, principal: PrincipalDep) -> ModelList:
+    """Models some worker serves first (a front end picks the first as its default), then
+    the others, each group in the registry's order."""
     created = int(state.registry.source.stat().st_mtime)
+    usable = [m for m in state.registry.models if principal.is_admin or not m.admin]
+    served = {m.model_name for m in usable if await state.chat.jobs.live_workers(m.model_name)}
+    ordered = sorted(usable, key=lambda m: m.model_name not in served)  # stable
     return ModelList(
         data=[
-            ModelCard(id=m.model_name, created=created, owned_by="medgemma-serve")
-            for m in state.registry.models
-            if principal.is_admin or not m.admin
+            ModelCard(id=m.model_name, created=created, owned_by="medgemma-serve") for m in ordered
         ]
     )

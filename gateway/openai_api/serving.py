@@ -11,7 +11,10 @@ turn's events onto OpenAI's frames.
   stored history is the context instead: only the request's system messages and its last user
   message are used, and the finished turn is stored.
 * System and developer messages are joined into one system turn. The last message must be
-  the user's. Tool and function messages are refused (no tool calling here).
+  the user's. The model calls no tools: ``tools``/``functions`` offered with ``tool_choice``
+  absent, ``"auto"`` or ``"none"`` are not shown to it and it answers in text (response
+  header ``X-Tools-Ignored: true``); ``"required"`` or a named function is a 400, and so are
+  tool and function messages.
 * ``temperature`` defaults to 1 and ``top_p`` to 1, as in OpenAI's API; the answer budget is
   ``max_completion_tokens`` (or ``max_tokens``), else the model's ``max_new_tokens``.
 """
@@ -55,13 +58,30 @@ def _unsupported(param: str, message: str) -> APIError:
     return APIError(400, ErrorCode.UNSUPPORTED_OPTION, message, param=param)
 
 
-def check_options(req: ChatCompletionRequest) -> None:
+#: Response header of a request that offered tools: they were not shown to the model.
+TOOLS_HEADER = "X-Tools-Ignored"
+_CHOICE_FREE = (None, "auto", "none")  # the model may answer without calling any tool
+
+
+def check_options(req: ChatCompletionRequest) -> bool:
+    """Refuse what cannot be honoured, by name. True if the request offered tools (or
+    functions) that it lets the model leave uncalled: it is answered in text, as OpenAI's
+    semantics allow for ``tool_choice`` absent, ``"auto"`` or ``"none"`` (front ends such as
+    Open WebUI attach their built-in tools to every chat)."""
     if req.n not in (None, 1):
         raise _unsupported("n", "Only n=1 is supported; send one request per completion.")
-    if req.tools or req.functions or req.tool_choice not in (None, "none"):
-        raise _unsupported("tools", "Tool and function calling are not supported.")
-    if req.function_call not in (None, "none"):
-        raise _unsupported("function_call", "Function calling is not supported.")
+    if req.tool_choice not in _CHOICE_FREE:
+        raise _unsupported(
+            "tool_choice",
+            'This server does not call tools: send tool_choice absent, "auto" or "none" '
+            '(the model then answers in text), not "required" or a named function.',
+        )
+    if req.function_call not in _CHOICE_FREE:
+        raise _unsupported(
+            "function_call",
+            'This server does not call functions: send function_call absent, "auto" or '
+            '"none" (the model then answers in text).',
+        )
     if req.response_format and req.response_format.get("type", "text") != "text":
         raise _unsupported("response_format", "Only the text response format is supported.")
     if req.logprobs or req.top_logprobs:
@@ -73,6 +93,7 @@ def check_options(req: ChatCompletionRequest) -> None:
             raise _unsupported(name, f"{name} is not supported; omit it or send 0.")
     if req.audio is not None:
         raise _unsupported("audio", "Audio output is not supported.")
+    offered_tools = bool(req.tools or req.functions)
     stops = [req.stop] if isinstance(req.stop, str) else (req.stop or [])
     if len(stops) > MAX_STOP or any(not s for s in stops):
         raise APIError(
@@ -81,6 +102,7 @@ def check_options(req: ChatCompletionRequest) -> None:
             f"stop takes up to {MAX_STOP} non-empty strings.",
             param="stop",
         )
+    return offered_tools
 
 
 def sampling_for(req: ChatCompletionRequest, entry: ModelEntry) -> SamplingParams:
@@ -225,7 +247,7 @@ async def serve(
     *,
     client_gone: ClientGone | None = None,
 ) -> EventSourceResponse | JSONResponse:
-    check_options(req)
+    tools_ignored = check_options(req)
     if req.stream and not entry.capabilities.stream:
         raise _unsupported("stream", f"Model {entry.model_name!r} cannot stream.")
     limits = state.settings.image_limits
@@ -252,6 +274,8 @@ async def serve(
         headers = {"X-Job-Id": opened.job_id}
         if cid:
             headers["X-Conversation-Id"] = cid
+        if tools_ignored:
+            headers[TOOLS_HEADER] = "true"
         if req.stream:
             failed = await opened.early_error(state.settings.gateway_first_event_wait_s)
             if failed is not None:
