@@ -48,6 +48,7 @@ class AuditRecord:
     ts: str = field(default_factory=_now)
     user_id: str
     role: str
+    service: str | None = None  # the service key (e.g. Open WebUI) that named user_id
     action: str
     model: str | None = None
     conversation_id: str | None = None

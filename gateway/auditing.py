@@ -42,6 +42,7 @@ class AuditInfo:
 
     user_id: str = "-"
     role: str = "-"
+    service: str | None = None  # the service key that named the end user, if one did
     model: str | None = None
     conversation_id: str | None = None
     job_id: str | None = None
@@ -105,6 +106,7 @@ class AuditMiddleware:
             record = AuditRecord(
                 user_id=info.user_id,
                 role=info.role,
+                service=info.service,
                 action=_action(scope["method"], scope["path"]),
                 model=info.model,
                 conversation_id=info.conversation_id,

@@ -1,15 +1,23 @@
 """API keys with identities and roles.
 
 Keys come from ``GATEWAY_API_KEYS`` ("key:user_id:role,...") and/or a file, and are held only
-as SHA-256 digests mapped to a :class:`Principal`. In development mode with no keys the demo
-key ``demo-key`` (user ``demo``) is used; production refuses to start without keys or with
-the demo key.
+as SHA-256 digests mapped to a :class:`Principal`. Roles: ``user``, ``admin``, and ``service``:
+a front end (Open WebUI, LibreChat, a reverse proxy) that calls with one key for all of its
+users and names the user of each request (``GATEWAY_END_USER_HEADER``, or the OpenAI ``user``
+field). Such a request acts as ``<service>/<end user>``: its own conversation space, rate
+limits and audit line, scoped to the service, so no service can reach a personal key's data
+by naming its user id. A ``user`` or ``admin`` key never names anyone else (the header is
+ignored). A service request that names nobody acts as the service itself.
+
+In development mode with no keys the demo key ``demo-key`` (user ``demo``) is used; production
+refuses to start without keys or with the demo key.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -17,7 +25,10 @@ from typing import Literal
 DEMO_KEY = "demo-key"
 DEMO_USER = "demo"
 
-Role = Literal["user", "admin"]
+Role = Literal["user", "admin", "service"]
+ROLES: tuple[Role, ...] = ("user", "admin", "service")
+#: An end user's id as a service names it: Open WebUI's ids are UUIDs; emails fit too.
+END_USER_PATTERN = re.compile(r"^[A-Za-z0-9_.@+-]{1,128}$")
 
 
 class KeyConfigError(ValueError):
@@ -28,10 +39,21 @@ class KeyConfigError(ValueError):
 class Principal:
     user_id: str
     role: Role
+    service: str | None = None  # the service key that named this end user
 
     @property
     def is_admin(self) -> bool:
         return self.role == "admin"
+
+    @property
+    def may_name_users(self) -> bool:
+        """A service key's own principal: it may name the end user of a request."""
+        return self.role == "service" and self.service is None
+
+    def on_behalf_of(self, end_user: str) -> Principal:
+        """The end user a service key named (checked against :data:`END_USER_PATTERN`)."""
+        assert self.may_name_users
+        return Principal(user_id=f"{self.user_id}/{end_user}", role="user", service=self.user_id)
 
 
 def _digest(key: str) -> bytes:
@@ -43,11 +65,13 @@ def _parse(spec: str, where: str) -> tuple[str, Principal]:
     if len(parts) != 3 or not all(parts):
         raise KeyConfigError(f"{where}: expected key:user_id:role, got {len(parts)} fields")
     key, user, role = parts
-    if role not in ("user", "admin"):
-        raise KeyConfigError(f"{where}: role must be user or admin, got {role!r}")
+    if role not in ROLES:
+        raise KeyConfigError(f"{where}: role must be user, admin or service, got {role!r}")
+    if "/" in user:
+        raise KeyConfigError(f"{where}: a user id may not contain '/' (it scopes service users)")
     if len(key) < 8:
         raise KeyConfigError(f"{where}: key for user {user!r} is shorter than 8 characters")
-    return key, Principal(user_id=user, role=role)  # type: ignore[arg-type]
+    return key, Principal(user_id=user, role=role)
 
 
 class KeyStore:

@@ -14,7 +14,7 @@ from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from gateway.auditing import AuditInfo, audit_info
-from gateway.auth import Principal
+from gateway.auth import END_USER_PATTERN, Principal
 from gateway.errors import APIError
 from gateway.ratelimit import Slot
 from gateway.state import AppState
@@ -38,9 +38,6 @@ async def get_principal(
     creds: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> Principal:
     principal = state.api_keys.authenticate(creds.credentials) if creds else None
-    if principal is not None:
-        info = audit_info(request.state)
-        info.user_id, info.role = principal.user_id, principal.role
     if principal is None:
         raise APIError(
             401,
@@ -48,7 +45,29 @@ async def get_principal(
             "Missing or invalid API key. Send 'Authorization: Bearer <your key>'.",
             headers={"WWW-Authenticate": "Bearer"},
         )
+    header = state.settings.gateway_end_user_header
+    named = request.headers.get(header) if principal.may_name_users else None
+    if named:  # (a user or admin key's header is ignored: it names nobody else)
+        principal = name_end_user(principal, named, param=header)
+    note_principal(request, principal)
     return principal
+
+
+def name_end_user(principal: Principal, end_user: str, *, param: str) -> Principal:
+    """The end user a service key's request names; 400 if the name is not an id."""
+    if not END_USER_PATTERN.match(end_user):
+        raise APIError(
+            400,
+            ErrorCode.INVALID_REQUEST,
+            f"{param} must name the end user by an id of 1 to 128 letters, digits or _.@+-.",
+            param=param,
+        )
+    return principal.on_behalf_of(end_user)
+
+
+def note_principal(request: Request, principal: Principal) -> None:
+    info = audit_info(request.state)
+    info.user_id, info.role, info.service = principal.user_id, principal.role, principal.service
 
 
 PrincipalDep = Annotated[Principal, Depends(get_principal)]

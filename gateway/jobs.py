@@ -145,12 +145,15 @@ class JobService:
                     pipe.expire(key, self._job_ttl_s)
                     await pipe.execute()
 
-    def abandoned(self, job_id: str) -> None:
-        """The client left mid-stream: cancel the job unless a client resumes it in time."""
-        self._spawn(self._cancel_if_abandoned(job_id))
+    def abandoned(self, job_id: str, *, grace_s: float | None = None) -> None:
+        """The client left mid-stream: cancel the job unless a client resumes it within
+        ``grace_s`` (default: the resume grace; 0: at once)."""
+        grace = self.resume_grace_s if grace_s is None else grace_s
+        self._spawn(self._cancel_if_abandoned(job_id, grace))
 
-    async def _cancel_if_abandoned(self, job_id: str) -> None:
-        await asyncio.sleep(self.resume_grace_s)
+    async def _cancel_if_abandoned(self, job_id: str, grace_s: float) -> None:
+        if grace_s > 0:
+            await asyncio.sleep(grace_s)
         try:
             watchers = int(await self._redis.get(self._keys.job_watchers(job_id)) or 0)
             if watchers <= 0:

@@ -21,7 +21,7 @@ class GatewaySettings(CommonSettings):
     )
     gateway_api_keys: SecretStr | None = Field(
         default=None,
-        description='API keys as "key:user_id:role,..." (role is user or admin). No default.',
+        description='API keys as "key:user_id:role,..." (user, admin or service). No default.',
     )
     gateway_api_keys_file: Path | None = Field(
         default=None, description="A file with one key:user_id:role per line (# comments)."
@@ -39,6 +39,14 @@ class GatewaySettings(CommonSettings):
         gt=0,
         description="Longest silence between two events of a running job before the stream "
         "ends with a worker_timeout error.",
+    )
+    gateway_end_user_header: str = Field(
+        default="X-OpenWebUI-User-Id",
+        pattern=r"^[A-Za-z0-9-]{1,64}$",
+        description="The header in which a service key's front end names the end user of a "
+        "request (Open WebUI sends X-OpenWebUI-User-Id with ENABLE_FORWARD_USER_INFO_HEADERS; "
+        "for LibreChat set a header such as X-End-User to {{LIBRECHAT_USER_ID}} and name it "
+        "here). Requests with other keys ignore it.",
     )
     gateway_coalesce_max_events: int = Field(
         default=16,

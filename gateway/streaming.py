@@ -81,6 +81,9 @@ class JobStream:
         self._observer = observer  # metrics: sees every event with a monotonic timestamp
         self._ended = False  # a terminal event was seen
         self._left = False  # the job was marked abandoned
+        # How long a client that left may take to resume before the job is cancelled (None:
+        # GATEWAY_RESUME_GRACE_S; 0: cancelled at once, for clients that never resume).
+        self.resume_grace_s: float | None = None
 
     @classmethod
     async def start_turn(
@@ -163,7 +166,7 @@ class JobStream:
         self._left = True
         if self._audit is not None:
             self._audit.outcome = "client_left"
-        self._jobs.abandoned(self.job_id)
+        self._jobs.abandoned(self.job_id, grace_s=self.resume_grace_s)
 
     def _events(self) -> AsyncIterator[StreamEvent]:
         if self._iter is None:

@@ -48,7 +48,10 @@ SEED_FIELDS = {
 USER_KEY = "test-key-alice"
 OTHER_KEY = "test-key-bob"
 ADMIN_KEY = "test-key-admin"
-API_KEYS = f"{USER_KEY}:alice:user,{OTHER_KEY}:bob:user,{ADMIN_KEY}:ops:admin"
+SERVICE_KEY = "test-key-webui"  # a front end that names its end users
+API_KEYS = (
+    f"{USER_KEY}:alice:user,{OTHER_KEY}:bob:user,{ADMIN_KEY}:ops:admin,{SERVICE_KEY}:webui:service"
+)
 
 
 def tiny_entry(name: str, path: str, **serving: Any) -> dict[str, Any]:

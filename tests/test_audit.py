@@ -19,6 +19,7 @@ FIELDS = [
     "ts",
     "user_id",
     "role",
+    "service",
     "action",
     "model",
     "conversation_id",

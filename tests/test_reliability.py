@@ -121,7 +121,11 @@ def test_resume_keeps_the_openai_format(stack: Stack, slow_worker: Proc) -> None
         "messages": [{"role": "user", "content": "hi"}],
     }
     seen = 0
-    with stack.client() as c, connect_sse(c, "POST", "/v1/chat/completions", json=body) as src:
+    resumable = {"X-Resumable": "true"}  # OpenAI clients never resume unless they say so
+    with (
+        stack.client() as c,
+        connect_sse(c, "POST", "/v1/chat/completions", json=body, headers=resumable) as src,
+    ):
         job_id = src.response.headers["x-job-id"]
         for e in events_of(src):
             seen = int(e.id) if e.id else seen
@@ -139,6 +143,20 @@ def test_resume_keeps_the_openai_format(stack: Stack, slow_worker: Proc) -> None
     contents = [ch["choices"][0]["delta"].get("content") for ch in chunks[:-1]]
     assert contents == [f"tok{i} " for i in range(4, 12)]
     assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+
+
+def test_a_dropped_openai_stream_is_cancelled_at_once(stack: Stack, slow_worker: Proc) -> None:
+    """Open WebUI's Stop drops the connection and never resumes: the job stops at once
+    instead of generating through the resume grace (1 s here: 20 more tokens) for nobody."""
+    body = {"model": SLOW, "stream": True, "messages": [{"role": "user", "content": "hi"}]}
+    with stack.client() as c, connect_sse(c, "POST", "/v1/chat/completions", json=body) as src:
+        job_id = src.response.headers["x-job-id"]
+        for e in events_of(src):
+            if e.id and int(e.id) >= 4:
+                break  # Stop
+    done, _ = wait_for_done(stack, job_id, timeout_s=10)
+    assert done.finish_reason == "cancelled"
+    assert done.usage.completion_tokens < 4 + 10  # within half the grace of the drop
 
 
 def test_other_users_cannot_cancel_or_resume(stack: Stack, slow_worker: Proc) -> None:

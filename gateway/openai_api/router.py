@@ -4,11 +4,19 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Header
+from fastapi import APIRouter, Header, Request
 from fastapi.responses import JSONResponse
 from sse_starlette import EventSourceResponse
 
-from gateway.deps import AuditDep, ClientGoneDep, PrincipalDep, StateDep, visible_model
+from gateway.deps import (
+    AuditDep,
+    ClientGoneDep,
+    PrincipalDep,
+    StateDep,
+    name_end_user,
+    note_principal,
+    visible_model,
+)
 from gateway.medgemma.protocol import CONVERSATION_ID
 from gateway.openai_api import serving
 from gateway.openai_api.protocol import ChatCompletionRequest, ModelCard, ModelList
@@ -18,16 +26,34 @@ router = APIRouter(prefix="/v1", tags=["openai"])
 
 @router.post("/chat/completions", response_model=None, summary="OpenAI Chat Completions")
 async def chat_completions(
+    request: Request,
     req: ChatCompletionRequest,
     state: StateDep,
     principal: PrincipalDep,
     audit: AuditDep,
     gone: ClientGoneDep,
     x_conversation_id: Annotated[str | None, Header(pattern=CONVERSATION_ID)] = None,
+    x_resumable: Annotated[
+        bool,
+        Header(
+            description="true: a dropped stream may be resumed (GET /jobs/{id}/events) "
+            "within the resume grace; otherwise it is cancelled at once"
+        ),
+    ] = False,
 ) -> EventSourceResponse | JSONResponse:
+    if principal.may_name_users and req.user:  # the OpenAI field names the end user too
+        principal = name_end_user(principal, req.user, param="user")
+        note_principal(request, principal)
     entry = visible_model(state, principal, req.model)
     return await serving.serve(
-        state, principal, entry, req, x_conversation_id, audit, client_gone=gone
+        state,
+        principal,
+        entry,
+        req,
+        x_conversation_id,
+        audit,
+        client_gone=gone,
+        resumable=x_resumable,
     )
 
 

@@ -246,7 +246,11 @@ async def serve(
     audit: AuditInfo,
     *,
     client_gone: ClientGone | None = None,
+    resumable: bool = False,
 ) -> EventSourceResponse | JSONResponse:
+    """``resumable``: the client may come back for the rest (``GET /jobs/{id}/events``), so a
+    dropped connection gets the resume grace; otherwise (OpenAI clients never resume) the job
+    is cancelled as soon as its client is gone, freeing the GPU at once."""
     tools_ignored = check_options(req)
     if req.stream and not entry.capabilities.stream:
         raise _unsupported("stream", f"Model {entry.model_name!r} cannot stream.")
@@ -269,6 +273,8 @@ async def serve(
             include_usage=bool(req.stream_options and req.stream_options.include_usage),
             earlier=() if cid else earlier,
         )
+        if not resumable:
+            opened.resume_grace_s = 0.0
         completion_id = f"chatcmpl-{opened.job_id}"
         created = int(time.time())
         headers = {"X-Job-Id": opened.job_id}
