@@ -92,6 +92,10 @@ class SamplingParams(BaseModel):
     temperature: float = Field(default=0.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     max_new_tokens: int = Field(default=512, ge=1)
+    # No limit was asked for (an OpenAI request without max_tokens): max_new_tokens is only
+    # the room kept for the answer when old turns are trimmed; the answer may run on to the
+    # end of the context, bounded by the generation time limit.
+    open_ended: bool = False
     seed: int | None = None
     stop: list[str] = Field(default_factory=list)
 

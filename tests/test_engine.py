@@ -237,6 +237,22 @@ def test_answer_budget_is_cut_to_the_context(loaded: LoadedModel) -> None:
     assert result.prompt_tokens + result.completion_tokens == 80
 
 
+def test_an_open_ended_answer_runs_to_the_context(loaded: LoadedModel) -> None:
+    """No limit asked for (an OpenAI request without max_tokens): max_new_tokens is only the
+    room kept when trimming, and the answer may use all the context that is left."""
+    small = make_engine(loaded, 80)
+    asked = SamplingParams(temperature=0.0, max_new_tokens=5)
+    capped = small.generate([_msg("user", PROMPT)], asked, on_text=lambda _t: None)
+    free = small.generate(
+        [_msg("user", PROMPT)],
+        asked.model_copy(update={"open_ended": True}),
+        on_text=lambda _t: None,
+    )
+    assert capped.completion_tokens == 5
+    assert free.finish_reason == "length"
+    assert free.prompt_tokens + free.completion_tokens == 80
+
+
 def test_one_message_too_long(loaded: LoadedModel) -> None:
     small = make_engine(loaded, 120)
     huge = "the patient has a cough and a fever " * 40

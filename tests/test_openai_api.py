@@ -213,6 +213,24 @@ def test_a_request_that_requires_a_tool_call_is_a_clear_400(
     assert "does not call" in error["message"]
 
 
+def test_without_max_tokens_the_answer_may_use_the_context_left(stack: Stack) -> None:
+    """Open WebUI sends no max_tokens: the answer is not cut at the registry's budget
+    (tiny-gemma's max_new_tokens is 24) but may run to the end of the context (512), and a
+    cut answer says so with finish_reason "length"."""
+    ask_ = {
+        "model": "tiny-gemma",
+        "temperature": 0,
+        "messages": [{"role": "user", "content": "Hi"}],
+    }
+    free = sdk(stack).chat.completions.create(**ask_)  # type: ignore[call-overload]
+    capped = sdk(stack).chat.completions.create(**ask_, max_tokens=24)  # type: ignore[call-overload]
+    assert capped.usage.completion_tokens == 24 and capped.choices[0].finish_reason == "length"
+    assert free.usage.completion_tokens > 24
+    assert free.usage.prompt_tokens + free.usage.completion_tokens == 512
+    assert free.choices[0].finish_reason == "length"
+    assert free.choices[0].message.content.startswith(capped.choices[0].message.content)
+
+
 def test_conversation_header_gives_server_side_history(stack: Stack) -> None:
     with stack.client() as c:
         for text in ("First question.", "Second question."):

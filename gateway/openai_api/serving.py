@@ -16,7 +16,8 @@ turn's events onto OpenAI's frames.
   header ``X-Tools-Ignored: true``); ``"required"`` or a named function is a 400, and so are
   tool and function messages.
 * ``temperature`` defaults to 1 and ``top_p`` to 1, as in OpenAI's API; the answer budget is
-  ``max_completion_tokens`` (or ``max_tokens``), else the model's ``max_new_tokens``.
+  ``max_completion_tokens`` (or ``max_tokens``), else what the context has left (bounded by
+  ``GATEWAY_MAX_GENERATION_S``); a cut answer ends with ``finish_reason: "length"``.
 """
 
 from __future__ import annotations
@@ -106,12 +107,17 @@ def check_options(req: ChatCompletionRequest) -> bool:
 
 
 def sampling_for(req: ChatCompletionRequest, entry: ModelEntry) -> SamplingParams:
-    budget = req.max_completion_tokens or req.max_tokens or entry.serving.max_new_tokens
+    """Without ``max_tokens`` (Open WebUI sends none) the answer may use the context that is
+    left, as OpenAI's API allows, bounded by the generation time limit; the model's
+    ``max_new_tokens`` is then only the room kept when old turns are trimmed."""
+    asked = req.max_completion_tokens or req.max_tokens
+    budget = asked or entry.serving.max_new_tokens
     stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
     return SamplingParams(
         temperature=1.0 if req.temperature is None else req.temperature,
         top_p=1.0 if req.top_p is None else req.top_p,
         max_new_tokens=min(budget, entry.serving.context_length),
+        open_ended=asked is None,
         seed=req.seed,
         stop=stops,
     )

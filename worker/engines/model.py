@@ -107,7 +107,9 @@ class ModelEngine:
             messages, sampling, continue_text
         )
         prompt = self.prompter.build(messages, sampling.max_new_tokens, images)
-        budget = self.prompter.budget(prompt, sampling.max_new_tokens)
+        budget = self.prompter.budget(
+            prompt, sampling.max_new_tokens, open_ended=sampling.open_ended
+        )
         text = DeltaStreamer(self.prompter.tokenizer, on_text, tuple(sampling.stop))
         batchable = self.batch is not None and not images and sampling.seed is None
         batchable = batchable and "pixel_values" not in prompt.inputs

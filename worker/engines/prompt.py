@@ -2,7 +2,8 @@
 
 * **Context**: if the prompt plus the answer budget do not fit the model's context, the oldest
   turns are dropped first (the system message and the last user turn are kept) using the
-  tokenizer's real counts; the answer budget is then cut to what is left. If the last turn
+  tokenizer's real counts; the answer budget is then cut to what is left (or is all that is
+  left, for a request that asked for no limit: ``SamplingParams.open_ended``). If the last turn
   alone does not fit, :class:`~worker.engines.base.PromptTooLong` is raised before anything
   runs.
 * **Continuation**: a job handed over from a lost worker carries the text already streamed; it
@@ -134,10 +135,11 @@ class Prompter:
             raise PromptTooLong(n, limit)
         return Prompt(inputs=inputs, prompt_tokens=n, trimmed=trimmed)
 
-    def budget(self, prompt: Prompt, max_new_tokens: int) -> int:
-        """The answer's token budget: what was asked, cut to what the context has left."""
+    def budget(self, prompt: Prompt, max_new_tokens: int, *, open_ended: bool = False) -> int:
+        """The answer's token budget: what was asked, cut to what the context has left (all
+        of it when ``open_ended``: no limit was asked for)."""
         left = self.context_length - prompt.prompt_tokens
-        return max(MIN_ANSWER_TOKENS, min(max_new_tokens, left))
+        return max(MIN_ANSWER_TOKENS, left if open_ended else min(max_new_tokens, left))
 
     def continuation(
         self, messages: Sequence[ChatMessage], sampling: SamplingParams, continue_text: str
