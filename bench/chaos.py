@@ -1143,7 +1143,7 @@ class RequestFigures:
 class EventFigures:
     jobs_with_ids: int = 0
     ids_not_increasing: int = 0  # jobs with an id not above the one before (across resumes)
-    id_gaps: int = 0  # jobs whose ids skip a number (informational: text checks find loss)
+    id_gaps: int = 0  # jobs whose ids skip a number: joined frames do (text checks find loss)
     errors_without_code: int = 0
 
 

@@ -103,7 +103,9 @@ def test_resume_returns_exactly_the_rest_then_live(stack: Stack, slow_worker: Pr
     ):
         rest = [(int(e.id), e.event, e.data) for e in events_of(src)]
     ids = [i for i, _ in first] + [i for i, _, _ in rest]
-    assert ids == list(range(1, len(ids) + 1)), "no gap, no duplicate"
+    # No duplicate; the text below proves no gap (a frame that joins token events waiting in
+    # the log carries the last one's id, so ids may skip).
+    assert ids == sorted(set(ids)), "no duplicate, in order"
     text = "".join(t for _, t in first) + "".join(
         json.loads(d)["text"] for _, ev, d in rest if ev == "token"
     )
@@ -227,7 +229,7 @@ def test_sigkill_of_a_worker_hands_the_job_over(
                     killed = True
         assert killed
         ids = [i for i, _, _ in seen]
-        assert ids == list(range(1, len(ids) + 1))
+        assert ids == sorted(set(ids))  # (joined frames carry their last event's id)
         assert seen[-1][1] == "done", seen[-1]
         done = json.loads(seen[-1][2])
         n = done["usage"]["completion_tokens"]
