@@ -168,6 +168,13 @@ class JobService:
     def _count_live(self, pipe: Pipeline, model: str) -> None:
         pipe.zcount(self._keys.workers(model), time.time() - self._heartbeat_ttl_s, "+inf")
 
+    async def live_counts(self, models: Sequence[str]) -> dict[str, int]:
+        """Workers with a fresh heartbeat for each of ``models``, in one round trip."""
+        pipe = self._redis.pipeline(transaction=False)
+        for model in models:
+            self._count_live(pipe, model)
+        return {m: int(n) for m, n in zip(models, await pipe.execute(), strict=True)}
+
     async def live_workers(self, model: str, *, besides: str | None = None) -> int:
         """Workers serving ``model`` with a fresh heartbeat (not counting ``besides``)."""
         key = self._keys.workers(model)

@@ -223,7 +223,7 @@ class Relay:
         pending = await self.backfill(sub.job_id, last)
         timeout = first_timeout_s if last == 0 else idle_timeout_s
         while True:
-            for event in coalesce([e for e in pending if e.seq > last], self._coalesce):
+            for event in coalesce(pending, self._coalesce):  # (all after ``last``)
                 last = event.seq
                 yield event
                 if event.type in TERMINAL_TYPES:
@@ -258,10 +258,11 @@ class Relay:
             waiting = [decode_event(data)]
             if self._coalesce > 1:  # behind? take what else is already there
                 waiting += _drain(sub.queue, self._coalesce - 1)
+            # Pub/sub keeps a publisher's order: drop what was relayed already (the log read
+            # before it), then the rest follows ``last`` without a gap, or the log has it.
             waiting = [e for e in waiting if e.seq > last]
-            seqs = [e.seq for e in waiting]
-            if seqs and seqs != list(range(last + 1, last + 1 + len(seqs))):
-                pending = await self.backfill(sub.job_id, last)  # a gap: the log has it
+            if waiting and waiting[-1].seq - last != len(waiting):
+                pending = await self.backfill(sub.job_id, last)
             else:
                 pending = waiting
 

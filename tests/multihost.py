@@ -32,7 +32,7 @@ from devstack.processes import (
     wait_for,
     wait_ready,
 )
-from tests.stack import USER_KEY, stack_env, write_registry
+from tests.stack import USER_KEY, BackgroundStream, stack_env, write_registry
 
 REDIS_PORT = 6379
 SENTINEL_PORT = 26379
@@ -42,6 +42,12 @@ MASTER_NAME = "medgemma"
 needs_netbed = pytest.mark.skipif(
     netbed.available() is not None, reason=f"no multi-host test bed: {netbed.available()}"
 )
+
+
+def longest_stall_s(bg: BackgroundStream) -> float:
+    """The longest gap between two token events the client received."""
+    times = [t for (kind, _), t in zip(bg.events, bg.at, strict=True) if kind == "token"]
+    return max((b - a for a, b in zip(times, times[1:], strict=False)), default=0.0)
 
 
 def _listening(host: str, port: int) -> bool:

@@ -19,7 +19,13 @@ import pytest
 
 from devstack.netbed import DelayProxy
 from devstack.processes import wait_for
-from tests.multihost import REDIS_PORT, MultiHost, multihost_stack, needs_netbed
+from tests.multihost import (
+    REDIS_PORT,
+    MultiHost,
+    longest_stall_s,
+    multihost_stack,
+    needs_netbed,
+)
 from tests.stack import BackgroundStream, ask, stream_in_background
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, needs_netbed]
@@ -33,12 +39,6 @@ def expected(k: int) -> str:
 
 def text_of(bg: BackgroundStream) -> str:
     return "".join(json.loads(d)["text"] for kind, d in bg.events if kind == "token")
-
-
-def longest_stall_s(bg: BackgroundStream) -> float:
-    """The longest gap between two token events the client received."""
-    times = [t for (kind, _), t in zip(bg.events, bg.at, strict=True) if kind == "token"]
-    return max((b - a for a, b in zip(times, times[1:], strict=False)), default=0.0)
 
 
 def assert_whole_answer(bg: BackgroundStream) -> None:

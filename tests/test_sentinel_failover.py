@@ -28,8 +28,15 @@ from httpx_sse import connect_sse
 from redis import Redis
 
 from devstack.processes import wait_for
-from tests.multihost import MASTER_NAME, SENTINEL_PORT, MultiHost, multihost_stack, needs_netbed
-from tests.stack import BackgroundStream, ask, events_of, stream_in_background
+from tests.multihost import (
+    MASTER_NAME,
+    SENTINEL_PORT,
+    MultiHost,
+    longest_stall_s,
+    multihost_stack,
+    needs_netbed,
+)
+from tests.stack import ask, events_of, stream_in_background
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, needs_netbed]
 
@@ -85,11 +92,6 @@ def _resume(stack: MultiHost, job_id: str, last_id: str) -> tuple[list[tuple[str
             events.append((e.event, e.data))
             ids.append(e.id or "")
     return events, ids
-
-
-def _longest_stall_s(bg: BackgroundStream) -> float:
-    times = [t for (kind, _), t in zip(bg.events, bg.at, strict=True) if kind == "token"]
-    return max((b - a for a, b in zip(times, times[1:], strict=False)), default=0.0)
 
 
 def test_the_redis_master_killed_mid_stream(ha: MultiHost) -> None:
@@ -160,6 +162,6 @@ def test_the_redis_master_killed_mid_stream(ha: MultiHost) -> None:
         assert again.status_code == 200, again.text
         assert len(c.get("/conversations/before-failover").json()["messages"]) == 4
     print(  # noqa: T201 - the figures for docs/RELIABILITY.md
-        f"master killed: longest stall {_longest_stall_s(bg):.1f}s; stream "
+        f"master killed: longest stall {longest_stall_s(bg):.1f}s; stream "
         f"{'resumed' if resumed else 'continued'}; answer whole {recovered_s:.1f}s after the kill"
     )

@@ -85,7 +85,7 @@ class EventPublisher:
         self._ttl_set = False
         self.on_terminal: list[PipelineHook] = []  # run inside the done/error transaction
         self._writer = writer if owner is not None else None  # only fenced writes go there
-        self._outbox = Outbox(job_id, write=self._queue_tokens, check=self._check_written)
+        self._outbox = Outbox(write=self._queue_tokens, check=self._check_written)
 
     def _next(self) -> int:
         self.seq += 1

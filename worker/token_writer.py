@@ -43,7 +43,6 @@ class WriterStopped(ConnectionError):
 class Outbox:
     """One job's deltas waiting for the writer, and the outcome of its writes."""
 
-    job_id: str
     # Queues this job's events for the deltas (in order) on the writer's pipeline; returns
     # how many commands it queued.
     write: Callable[[Pipeline, list[str]], int]

@@ -63,8 +63,8 @@ async def list_models(state: StateDep, principal: PrincipalDep) -> ModelList:
     the others, each group in the registry's order."""
     created = int(state.registry.source.stat().st_mtime)
     usable = [m for m in state.registry.models if principal.is_admin or not m.admin]
-    served = {m.model_name for m in usable if await state.chat.jobs.live_workers(m.model_name)}
-    ordered = sorted(usable, key=lambda m: m.model_name not in served)  # stable
+    live = await state.chat.jobs.live_counts([m.model_name for m in usable])
+    ordered = sorted(usable, key=lambda m: live[m.model_name] == 0)  # stable
     return ModelList(
         data=[
             ModelCard(id=m.model_name, created=created, owned_by="medgemma-serve") for m in ordered

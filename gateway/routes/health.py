@@ -24,8 +24,8 @@ async def readyz(state: StateDep) -> JSONResponse:
     try:
         await state.redis.ping()
         body["redis"] = True
-        for entry in state.registry.models:
-            body["models"][entry.model_name] = await state.chat.jobs.live_workers(entry.model_name)
+        names = [entry.model_name for entry in state.registry.models]
+        body["models"] = await state.chat.jobs.live_counts(names)
     except (RedisError, OSError):
         pass
     default = state.settings.gateway_default_model

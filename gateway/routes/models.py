@@ -13,11 +13,6 @@ router = APIRouter(tags=["models"])
 
 @router.get("/models", summary="Models you may use, in the seed's shape, with availability")
 async def list_models(state: StateDep, principal: PrincipalDep) -> list[dict[str, Any]]:
-    out = []
-    for entry in state.registry.models:
-        if entry.admin and not principal.is_admin:
-            continue
-        item = entry.public()
-        item["available"] = await state.chat.jobs.live_workers(entry.model_name) > 0
-        out.append(item)
-    return out
+    usable = [e for e in state.registry.models if principal.is_admin or not e.admin]
+    live = await state.chat.jobs.live_counts([e.model_name for e in usable])
+    return [{**entry.public(), "available": live[entry.model_name] > 0} for entry in usable]
