@@ -120,6 +120,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
             max_generation_s=settings.gateway_max_generation_s,
             max_images=settings.gateway_max_images,
             turn_ttl_s=settings.turn_ttl_s,
+            background_max_wait_s=settings.gateway_background_max_wait_s,
             give_back=give_back,
         )
         app.state.gateway = AppState(

@@ -1,6 +1,7 @@
 """API keys with identities and roles.
 
-Keys come from ``GATEWAY_API_KEYS`` ("key:user_id:role,...") and/or a file, and are held only
+Keys come from ``GATEWAY_API_KEYS`` ("key:user_id:role[:priority],...") and/or a file, and are
+held only
 as SHA-256 digests mapped to a :class:`Principal`. Roles: ``user``, ``admin``, and ``service``:
 a front end (Open WebUI, LibreChat, a reverse proxy) that calls with one key for all of its
 users and names the user of each request (``GATEWAY_END_USER_HEADER``, or the OpenAI ``user``
@@ -8,6 +9,10 @@ field). Such a request acts as ``<service>/<end user>``: its own conversation sp
 limits and audit line, scoped to the service, so no service can reach a personal key's data
 by naming its user id. A ``user`` or ``admin`` key never names anyone else (the header is
 ignored). A service request that names nobody acts as the service itself.
+
+The optional fourth field is the key's default priority, ``interactive`` or ``background``:
+a key for a front end's background tasks (LibreChat's titles, say) sends background work
+without the front end knowing of priorities (a request's own ``priority`` still wins).
 
 In development mode with no keys the demo key ``demo-key`` (user ``demo``) is used; production
 refuses to start without keys or with the demo key.
@@ -20,7 +25,9 @@ import hmac
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
+
+from shared.protocol import Priority
 
 DEMO_KEY = "demo-key"
 DEMO_USER = "demo"
@@ -40,6 +47,7 @@ class Principal:
     user_id: str
     role: Role
     service: str | None = None  # the service key that named this end user
+    priority: Priority = "interactive"  # the key's default class of work
 
     @property
     def is_admin(self) -> bool:
@@ -53,7 +61,12 @@ class Principal:
     def on_behalf_of(self, end_user: str) -> Principal:
         """The end user a service key named (checked against :data:`END_USER_PATTERN`)."""
         assert self.may_name_users
-        return Principal(user_id=f"{self.user_id}/{end_user}", role="user", service=self.user_id)
+        return Principal(
+            user_id=f"{self.user_id}/{end_user}",
+            role="user",
+            service=self.user_id,
+            priority=self.priority,
+        )
 
 
 def _digest(key: str) -> bytes:
@@ -62,16 +75,23 @@ def _digest(key: str) -> bytes:
 
 def _parse(spec: str, where: str) -> tuple[str, Principal]:
     parts = spec.strip().split(":")
-    if len(parts) != 3 or not all(parts):
-        raise KeyConfigError(f"{where}: expected key:user_id:role, got {len(parts)} fields")
-    key, user, role = parts
+    if len(parts) not in (3, 4) or not all(parts):
+        raise KeyConfigError(
+            f"{where}: expected key:user_id:role[:priority], got {len(parts)} fields"
+        )
+    key, user, role = parts[:3]
+    priority = parts[3] if len(parts) == 4 else "interactive"
     if role not in ROLES:
         raise KeyConfigError(f"{where}: role must be user, admin or service, got {role!r}")
+    if priority not in get_args(Priority):
+        raise KeyConfigError(
+            f"{where}: priority must be interactive or background, got {priority!r}"
+        )
     if "/" in user:
         raise KeyConfigError(f"{where}: a user id may not contain '/' (it scopes service users)")
     if len(key) < 8:
         raise KeyConfigError(f"{where}: key for user {user!r} is shorter than 8 characters")
-    return key, Principal(user_id=user, role=role)
+    return key, Principal(user_id=user, role=role, priority=priority)  # type: ignore[arg-type]
 
 
 class KeyStore:

@@ -30,6 +30,7 @@ from shared.protocol import (
     ImagePart,
     Job,
     JobMeta,
+    Priority,
     SamplingParams,
     SlotRef,
     TextPart,
@@ -69,6 +70,7 @@ class ChatService:
         max_generation_s: float,
         max_images: int,
         turn_ttl_s: int,
+        background_max_wait_s: float = 30.0,
         give_back: GiveBack | None = None,
     ) -> None:
         self.jobs = jobs
@@ -79,6 +81,7 @@ class ChatService:
         self._queue_timeout_s = queue_timeout_s
         self._max_generation_s = max_generation_s
         self._lock_ttl_s = turn_ttl_s
+        self._background_max_wait_s = background_max_wait_s
 
     @contextlib.asynccontextmanager
     async def start(
@@ -94,6 +97,7 @@ class ChatService:
         include_usage: bool = False,
         earlier: Sequence[PendingMessage] = (),
         slot: SlotRef | None = None,
+        priority: Priority = "interactive",
     ) -> AsyncIterator[Turn]:
         """Submit one turn. With ``conversation_id`` the stored history is the context and
         the finished turn is stored; without it the turn is stateless (``earlier`` is the
@@ -132,6 +136,8 @@ class ChatService:
             messages += history
             messages.append(store.message(new))
             await self._store_images(store)
+            now = time.time()
+            yields_until = now + self._background_max_wait_s if priority == "background" else None
             meta = JobMeta(
                 job_id=job_id,
                 owner=owner_tag(principal.user_id),
@@ -140,8 +146,8 @@ class ChatService:
                 conversation_id=conversation_id,
                 created=int(time.time()),
                 include_usage=include_usage,
+                yields_until=yields_until,
             )
-            now = time.time()
             job = Job(
                 job_id=job_id,
                 model=entry.model_name,
@@ -152,6 +158,8 @@ class ChatService:
                 enqueued_at=now,
                 start_deadline=now + self._queue_timeout_s,
                 max_generation_s=self._max_generation_s,
+                priority=priority,
+                yields_until=yields_until,
             )
 
             def remember(pipe: Pipeline) -> None:

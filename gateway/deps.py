@@ -19,7 +19,11 @@ from gateway.errors import APIError
 from gateway.ratelimit import Slot
 from gateway.state import AppState
 from shared.errors import ErrorCode
+from shared.protocol import Priority
 from shared.registry import ModelEntry
+
+#: ``<model>@background`` names the model's background class (for a front end's task model).
+BACKGROUND_ALIAS = "@background"
 
 _bearer = HTTPBearer(auto_error=False, description="Authorization: Bearer <API key>")
 
@@ -105,6 +109,20 @@ def visible_model(state: AppState, principal: Principal, name: str) -> ModelEntr
             param="model",
         )
     return entry
+
+
+def chosen_model(
+    state: AppState, principal: Principal, name: str
+) -> tuple[ModelEntry, Priority | None]:
+    """The entry ``name`` names and the class its alias asks for (None: no alias)."""
+    if name.endswith(BACKGROUND_ALIAS):
+        return visible_model(state, principal, name.removesuffix(BACKGROUND_ALIAS)), "background"
+    return visible_model(state, principal, name), None
+
+
+def priority_for(principal: Principal, *asked: Priority | None) -> Priority:
+    """The first class the request asks for (its own field first), else its key's default."""
+    return next((p for p in asked if p is not None), principal.priority)
 
 
 #: Waits until the client closes its connection (for answers collected before they are sent).

@@ -8,7 +8,8 @@ Everything here comes from keys the stack already writes:
   device, quantization, jobs running, free GPU memory, version. Worker-side figures reach the
   gateway this way, so the gateway is the only scrape target.
 * **queue depth** — :meth:`QueueBook.depth`: jobs booked and not yet taken by a worker.
-* **Celery queue length** — ``LLEN`` of the model's Celery list plus its priority lists
+* **Celery queue length** — ``LLEN`` of the model's Celery lists (interactive and background)
+  plus their priority lists
   (kombu's Redis transport keeps ``queue`` and ``queue\\x06\\x16N``; counting the bare list
   alone misses prioritised messages — kombu #422). It is a cross-check of the queue book:
   messages Celery holds that no worker has taken, including those of jobs whose clients
@@ -27,7 +28,7 @@ from redis.asyncio import Redis
 
 from gateway.queueing import QueueBook
 from shared.keys import Keys
-from shared.protocol import WorkerHeartbeat
+from shared.protocol import PRIORITIES, WorkerHeartbeat, celery_queue
 from shared.registry import Registry
 
 logger = logging.getLogger(__name__)
@@ -37,8 +38,13 @@ PRIORITY_LISTS = range(1, 10)  # kombu's default steps are 3, 6, 9; count every 
 
 
 def celery_lists(queue: str) -> list[str]:
-    """The Redis lists that hold a Celery queue's waiting messages, every priority included."""
-    return [queue] + [f"{queue}{PRIORITY_SEP}{n}" for n in PRIORITY_LISTS]
+    """The Redis lists that hold a model queue's waiting messages: its interactive and
+    background Celery queues, every kombu priority of each included."""
+    return [
+        name
+        for q in (celery_queue(queue, p) for p in PRIORITIES)
+        for name in [q] + [f"{q}{PRIORITY_SEP}{n}" for n in PRIORITY_LISTS]
+    ]
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ import anyio
 from celery import Celery
 from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, WatchError
 
 from gateway.errors import APIError
 from gateway.images import RawImage
@@ -29,7 +29,7 @@ from gateway.relay import Relay, Subscription
 from gateway.supervision import REPORT_GRACE_S, StreamEvent, Supervisor
 from shared.errors import ErrorCode
 from shared.keys import Keys
-from shared.protocol import GENERATE_TASK, Job, JobMeta
+from shared.protocol import GENERATE_TASK, Job, JobMeta, celery_queue
 
 logger = logging.getLogger(__name__)
 
@@ -196,10 +196,11 @@ class JobService:
             await self._redis.delete(*(self.image_key(job_id, n) for n in range(count)))
 
     def _send(self, job: Job, queue: str) -> None:
+        """Send ``job`` to the Celery queue of its class (``queue``: the model's queue)."""
         self._celery.send_task(
             GENERATE_TASK,
             args=[job.model_dump(mode="json")],
-            queue=queue,
+            queue=celery_queue(queue, job.priority),
             task_id=job.job_id,
             # What Celery logs and shows (e.g. in Flower) instead of the prompt.
             argsrepr=f"<job {job.job_id}>",
@@ -225,7 +226,7 @@ class JobService:
         try:
             pipe = self._redis.pipeline(transaction=False)
             self._count_live(pipe, job.model)
-            self.book.count(pipe, job.model)
+            self.book.count(pipe, job.model, job.priority)
             live, _, depth = await pipe.execute()
             if int(live) == 0:
                 raise APIError(
@@ -253,7 +254,7 @@ class JobService:
                 except BaseException:
                     await self.book.forget(job)
                     raise
-                logger.info("job %s enqueued on %s", job.job_id, queue)
+                logger.info("job %s enqueued on %s", job.job_id, celery_queue(queue, job.priority))
                 yield sub
         except (RedisError, OSError, TimeoutError) as exc:
             logger.warning("cannot submit job %s: %s", job.job_id, type(exc).__name__)
@@ -290,7 +291,38 @@ class JobService:
             self._keys.job_payload(job.job_id), job.model_dump_json(), ex=self._job_ttl_s
         )
         await self.book.book(job)
-        await anyio.to_thread.run_sync(self._send, job, self._queues.get(job.model, job.model))
+        await anyio.to_thread.run_sync(self._send, job, self._queue_of(job))
+
+    def _queue_of(self, job: Job) -> str:
+        return self._queues.get(job.model, job.model)
+
+    async def promote(self, job_id: str) -> bool:
+        """Send a background job that waited past its ``yields_until`` again, as interactive
+        work, so a steady interactive load cannot starve it. Once per job (a guard key holds
+        across gateways), and only while no worker holds it (under ``WATCH`` of its claim);
+        the copy left in the background queue is skipped by the worker that takes it (the
+        claim). True if this call sent it."""
+        claim = self._keys.job_claim(job_id)
+        async with self._redis.pipeline(transaction=True) as pipe:
+            await pipe.watch(claim, self._keys.job_promoted(job_id))
+            raw = await pipe.get(self._keys.job_payload(job_id))
+            if raw is None or await pipe.exists(claim, self._keys.job_promoted(job_id)):
+                return False
+            job = Job.model_validate_json(raw)
+            if job.priority != "background":
+                return False
+            promoted = job.model_copy(update={"priority": "interactive"})
+            pipe.multi()  # type: ignore[no-untyped-call]
+            pipe.set(self._keys.job_promoted(job_id), "1", ex=self._job_ttl_s)
+            pipe.set(self._keys.job_payload(job_id), promoted.model_dump_json(), ex=self._job_ttl_s)
+            self.book.move(pipe, job, "interactive")
+            try:
+                await pipe.execute()
+            except WatchError:
+                return False  # a worker took it, or another gateway promoted it, meanwhile
+        await anyio.to_thread.run_sync(self._send, promoted, self._queue_of(promoted))
+        logger.info("job %s: background work waited its share; sent as interactive", job_id)
+        return True
 
 
 def status_for(code: str) -> int:

@@ -1,17 +1,20 @@
 """Backpressure: a bounded line per model, with positions and honest waiting times.
 
-The gateway books each job in ``{p}:queue:{model}`` (a sorted set by enqueue time) and the
-worker that takes it removes it and records the start in ``{p}:starts:{model}``. From these:
+The gateway books each job in ``{p}:queue:{model}`` (a sorted set by enqueue time; background
+work in ``{p}:queue:{model}@background``, which workers take after it) and the worker that
+takes it removes it and records the start in ``{p}:starts:{model}``. From these:
 
 * **depth** — jobs booked and not yet taken (entries older than the queue timeout are
   dropped: those jobs are answered with ``queue_timeout`` by whichever worker takes them);
 * **drain rate** — jobs started per second over the last minute, measured, not assumed;
-* **position** — a job's rank in line, and its ETA = position / drain rate.
+* **position** — a job's rank in line (a background job's counts every interactive job
+  waiting), and its ETA = position / drain rate.
 
 Our own book is used rather than Celery's lists because it gives a job's position cheaply, and
 it is not fooled by the extra lists Celery's Redis transport keeps per priority.
-A request past the model's ``serving.max_queue`` gets 429 with ``Retry-After`` = the time the
-measured drain rate needs to make room.
+A request past the model's ``serving.max_queue`` (per class: a flood of background work never
+fills the clinicians' line) gets 429 with ``Retry-After`` = the time the measured drain rate
+needs to make room.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from redis.asyncio.client import Pipeline
 from gateway.errors import APIError
 from shared.errors import ErrorCode
 from shared.keys import Keys
-from shared.protocol import QUEUE_WINDOW_S, Job
+from shared.protocol import PRIORITIES, QUEUE_WINDOW_S, Job, Priority
 
 MIN_SPAN_S = 5.0
 
@@ -49,18 +52,19 @@ class QueueBook:
         oldest = min(float(score) for _job, score in rows)
         return len(rows) / min(QUEUE_WINDOW_S, max(MIN_SPAN_S, now - oldest))
 
-    def count(self, pipe: Pipeline, model: str) -> None:
-        """Queue the commands that count ``model``'s line (two results; the second is the
-        depth), so callers can batch them with their own."""
-        key = self._keys.queue_book(model)
+    def count(self, pipe: Pipeline, model: str, priority: Priority = "interactive") -> None:
+        """Queue the commands that count ``model``'s line of ``priority`` (two results; the
+        second is the depth), so callers can batch them with their own."""
+        key = self._keys.queue_book(model, priority)
         pipe.zremrangebyscore(key, "-inf", time.time() - self._queue_timeout_s)
         pipe.zcard(key)
 
     async def depth(self, model: str) -> int:
+        """Jobs of every class waiting for ``model``."""
         pipe = self._redis.pipeline(transaction=False)  # one round trip
-        self.count(pipe, model)
-        _, depth = await pipe.execute()
-        return int(depth)
+        for priority in PRIORITIES:
+            self.count(pipe, model, priority)
+        return sum(int(n) for n in (await pipe.execute())[1::2])
 
     async def refuse_if_full(self, job: Job, depth: int, bound: int) -> None:
         """429 if ``depth`` jobs already wait and the line holds ``bound``."""
@@ -78,7 +82,7 @@ class QueueBook:
 
     def add(self, pipe: Pipeline, job: Job) -> None:
         """Queue the commands that book ``job`` in its model's line."""
-        key = self._keys.queue_book(job.model)
+        key = self._keys.queue_book(job.model, job.priority)
         pipe.zadd(key, {job.job_id: job.enqueued_at})
         pipe.expire(key, int(self._queue_timeout_s * 2) + 60)
 
@@ -88,12 +92,26 @@ class QueueBook:
         await pipe.execute()
 
     async def forget(self, job: Job) -> None:
-        await self._redis.zrem(self._keys.queue_book(job.model), job.job_id)
+        await self._redis.zrem(self._keys.queue_book(job.model, job.priority), job.job_id)
+
+    def move(self, pipe: Pipeline, job: Job, to: Priority) -> None:
+        """Queue the commands that move ``job`` to the line of ``to``, keeping its place by
+        age."""
+        pipe.zrem(self._keys.queue_book(job.model, job.priority), job.job_id)
+        self.add(pipe, job.model_copy(update={"priority": to}))
 
     async def position(self, model: str, job_id: str) -> tuple[int, float] | None:
-        """(place in line starting at 1, estimated seconds to start), or None if not waiting."""
-        rank = await self._redis.zrank(self._keys.queue_book(model), job_id)
-        if rank is None:
+        """(place in line starting at 1, estimated seconds to start), or None if not waiting.
+        Interactive jobs go first, so a background job's place counts all of them."""
+        pipe = self._redis.pipeline(transaction=False)
+        pipe.zrank(self._keys.queue_book(model), job_id)
+        pipe.zcard(self._keys.queue_book(model))
+        pipe.zrank(self._keys.queue_book(model, "background"), job_id)
+        rank, ahead, bg_rank = await pipe.execute()
+        if rank is not None:
+            place = int(cast(int, rank)) + 1
+        elif bg_rank is not None:
+            place = int(ahead) + int(cast(int, bg_rank)) + 1
+        else:
             return None
-        place = int(cast(int, rank)) + 1
         return place, round(place / await self.drain_rate(model), 1)

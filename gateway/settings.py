@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, model_validator
 
 from gateway.images import ImageLimits
 from shared.settings import CommonSettings
@@ -21,10 +21,12 @@ class GatewaySettings(CommonSettings):
     )
     gateway_api_keys: SecretStr | None = Field(
         default=None,
-        description='API keys as "key:user_id:role,..." (user, admin or service). No default.',
+        description='API keys as "key:user_id:role[:priority],..." (role user, admin or service; '
+        "priority interactive, the default, or background). No default.",
     )
     gateway_api_keys_file: Path | None = Field(
-        default=None, description="A file with one key:user_id:role per line (# comments)."
+        default=None,
+        description="A file with one key:user_id:role[:priority] per line (# comments).",
     )
     gateway_default_model: str = Field(
         default="medgemma-4b", description="The model /readyz requires a live worker for."
@@ -82,6 +84,15 @@ class GatewaySettings(CommonSettings):
         "a job that fails at once gets an HTTP error status rather than a 200 stream.",
     )
     gateway_ping_s: float = Field(default=15.0, gt=0, description="SSE keep-alive interval.")
+    gateway_background_max_wait_s: float = Field(
+        default=30.0,
+        gt=0,
+        description="How long background work (priority background, a model@background "
+        "alias, OpenAI service_tier flex, or a key whose default is background) gives way to "
+        "interactive work: it waits behind it in line and pauses in the worker while "
+        "interactive work runs there, for at most this long after it was sent; then it runs "
+        "like interactive work, so nothing starves. Must be below GATEWAY_IDLE_TIMEOUT_S.",
+    )
     gateway_redis_max_connections: int = Field(
         default=64,
         ge=4,
@@ -123,6 +134,15 @@ class GatewaySettings(CommonSettings):
         "empty (the default) turns CORS off.",
     )
     gateway_log_level: str = Field(default="INFO", description="Python log level.")
+
+    @model_validator(mode="after")
+    def _pauses_fit_the_idle_timeout(self) -> GatewaySettings:
+        if self.gateway_background_max_wait_s >= self.gateway_idle_timeout_s:
+            raise ValueError(
+                "GATEWAY_BACKGROUND_MAX_WAIT_S must be below GATEWAY_IDLE_TIMEOUT_S: a paused "
+                "background job would otherwise be ended as silent"
+            )
+        return self
 
     @property
     def turn_ttl_s(self) -> int:

@@ -13,6 +13,8 @@ A job the gateway follows is in one :class:`Phase`::
 
 * **QUEUED**: in line, no worker holds its claim. Bounded by the start deadline (plus a grace
   for the worker to report); a ``queued`` event goes out whenever its place in line changes.
+  Background work still waiting at its ``yields_until`` is sent again as interactive work
+  (:meth:`JobService.promote`), so a steady interactive load cannot starve it.
 * **RUNNING**: a worker holds the claim. Bounded by the idle timeout between events (and,
   before the first token, by the start deadline or the idle timeout from the claim, whichever
   is later: prefill may be long).
@@ -132,6 +134,7 @@ class _Watch:
     progressing: bool = False  # tokens flow: silence is bounded by the idle timeout
     place: tuple[int, float] | None = None
     outage_since: float | None = None
+    promoted: bool = False  # background work sent again as interactive (or found running)
 
 
 class Supervisor:
@@ -253,6 +256,10 @@ class Supervisor:
     async def _place_in_line(self, w: _Watch) -> QueuedEvent | None:
         try:
             meta = await self._jobs.meta(w.job_id)
+            if meta and meta.yields_until is not None and not w.promoted:
+                if time.time() >= meta.yields_until:  # waited its share: no starvation
+                    await self._jobs.promote(w.job_id)
+                    w.promoted = True
             where = await self._jobs.book.position(meta.model, w.job_id) if meta else None
         except (RedisError, OSError):
             return None  # only the place in line is unknown; the wait goes on

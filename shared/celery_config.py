@@ -16,6 +16,9 @@ per model. Options chosen for long GPU jobs on Redis:
   the consumer's loop wakes, so the worker wakes it every 20 ms (``worker/celery_app.py``);
   measured, the cost is then +0.8 ms p50 time to first token at 8 streams on 8 slots and
   +18 ms (4.5%) when jobs queue (docs/BENCHMARKS.md), instead of +600 ms without the timer.
+* ``queue_order_strategy = "priority"``: a worker reads its queues in the order it lists them,
+  the model's interactive queue before its background one (``shared.protocol.celery_queue``),
+  so a waiting clinician's job is always taken first (kombu's default rotates between them).
 * JSON only, no result backend: results travel as token events on pub/sub, not through
   Celery's result store, and nothing in Redis is a pickle.
 * Publishing retries briefly and then fails, so the gateway can answer 503 during a Redis
@@ -41,7 +44,11 @@ def celery_options(redis_url: str) -> dict[str, Any]:
         "accept_content": ["json"],
         "task_acks_late": False,
         "worker_prefetch_multiplier": 1,
-        "broker_transport_options": {"visibility_timeout": VISIBILITY_TIMEOUT_S, **transport},
+        "broker_transport_options": {
+            "visibility_timeout": VISIBILITY_TIMEOUT_S,
+            "queue_order_strategy": "priority",
+            **transport,
+        },
         "broker_connection_retry_on_startup": True,
         "task_publish_retry": True,
         "task_publish_retry_policy": {

@@ -11,12 +11,14 @@ key                                       type        what
 ``{p}:job:{job_id}:meta``                 string      owner, API format and outcome (JobMeta, TTL)
 ``{p}:job:{job_id}:payload``              string      the Job itself, to hand it over (TTL)
 ``{p}:job:{job_id}:handover:{n}``         string      guard: the n-th handover was sent (TTL)
+``{p}:job:{job_id}:promoted``             string      guard: background job re-sent as interactive
 ``{p}:job:{job_id}:cancel``               string      set when the job is cancelled (TTL)
 ``{p}:job:{job_id}:watchers``             string      open SSE streams of the job (TTL)
 ``{p}:cancel``                            channel     job ids to cancel, heard by every worker
 ``{p}:job:{job_id}:image:{n}``            string      bytes of the job's n-th image (TTL; deleted
                                                       by the worker when the job ends)
 ``{p}:queue:{model}``                     zset        job ids waiting for a worker, by enqueue time
+``{p}:queue:{model}@background``          zset        the same for background work (after the above)
 ``{p}:starts:{model}``                    zset        job ids started in the last minute
 ``{p}:workers:{model}``                   zset        worker ids by last heartbeat time
 ``{p}:worker:{worker_id}``                string      that worker's last heartbeat (TTL)
@@ -67,6 +69,9 @@ class Keys:
     def job_handover(self, job_id: str, n: int) -> str:
         return f"{self.prefix}:job:{job_id}:handover:{n}"
 
+    def job_promoted(self, job_id: str) -> str:
+        return f"{self.prefix}:job:{job_id}:promoted"
+
     def job_cancel(self, job_id: str) -> str:
         return f"{self.prefix}:job:{job_id}:cancel"
 
@@ -83,8 +88,10 @@ class Keys:
     def workers(self, model: str) -> str:
         return f"{self.prefix}:workers:{model}"
 
-    def queue_book(self, model: str) -> str:
-        return f"{self.prefix}:queue:{model}"
+    def queue_book(self, model: str, priority: str = "interactive") -> str:
+        """The model's line of ``priority`` (model names cannot hold ``@``)."""
+        book = f"{self.prefix}:queue:{model}"
+        return book if priority == "interactive" else f"{book}@{priority}"
 
     def queue_starts(self, model: str) -> str:
         return f"{self.prefix}:starts:{model}"
@@ -104,9 +111,10 @@ class Keys:
     def job_keys(self, job_id: str) -> list[str]:
         """Every per-job key that may hold data, for erasure."""
         base = f"{self.prefix}:job:{job_id}"
-        return [
-            f"{base}:{s}" for s in ("log", "meta", "payload", "claim", "cancel", "watchers")
-        ] + [f"{base}:handover:{n}" for n in range(1, MAX_HANDOVERS + 1)]
+        kinds = ("log", "meta", "payload", "claim", "cancel", "watchers", "promoted")
+        return [f"{base}:{s}" for s in kinds] + [
+            f"{base}:handover:{n}" for n in range(1, MAX_HANDOVERS + 1)
+        ]
 
     def conversations(self, user_id: str) -> str:
         return f"{self.prefix}:convs:{owner_tag(user_id)}"

@@ -23,6 +23,17 @@ from shared.keys import Keys
 PROTOCOL_VERSION: Final = 1
 GENERATE_TASK = "medgemma.generate"
 
+#: A job's class. ``background`` work (a front end's titles, tags, suggestions) goes to its
+#: own Celery queue, which workers read after the interactive one and only while they run no
+#: interactive job; it may also pause in the worker for interactive work (worker/runner.py).
+Priority = Literal["interactive", "background"]
+PRIORITIES: Final[tuple[Priority, ...]] = ("interactive", "background")
+
+
+def celery_queue(queue: str, priority: Priority) -> str:
+    """The Celery queue of a model's ``queue`` for jobs of ``priority``."""
+    return queue if priority == "interactive" else f"{queue}@{priority}"
+
 
 class _Message(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -146,6 +157,13 @@ class Job(_Message):
         "the answer with finish_reason 'length'. The gateway sizes the turn lock, the images' "
         "and the stream slot's TTLs beyond it.",
     )
+    priority: Priority = "interactive"
+    yields_until: float | None = Field(
+        default=None,
+        description="For background work: Unix time until which it gives way to interactive "
+        "work (waits, or pauses in the worker); after it, it runs like interactive work, so "
+        "nothing starves (GATEWAY_BACKGROUND_MAX_WAIT_S after enqueueing).",
+    )
 
 
 # --- events -----------------------------------------------------------------------------------
@@ -221,6 +239,9 @@ class JobMeta(_Message):
     conversation_id: str | None = None
     created: int
     include_usage: bool = False
+    yields_until: float | None = Field(
+        default=None, description="Background work only: the job's Job.yields_until."
+    )
 
 
 # --- workers ----------------------------------------------------------------------------------
@@ -232,7 +253,8 @@ QUEUE_WINDOW_S = 60.0  # the drain rate is measured over this window
 def record_start(pipe: Any, keys: Keys, model: str, job_id: str, now: float) -> None:
     """Queue the commands a worker runs when it takes a job: it leaves the line and counts
     towards the model's drain rate."""
-    pipe.zrem(keys.queue_book(model), job_id)
+    for priority in PRIORITIES:  # (a promoted background job may be in either line)
+        pipe.zrem(keys.queue_book(model, priority), job_id)
     starts = keys.queue_starts(model)
     pipe.zadd(starts, {job_id: now})
     pipe.zremrangebyscore(starts, "-inf", now - QUEUE_WINDOW_S)

@@ -49,8 +49,10 @@ USER_KEY = "test-key-alice"
 OTHER_KEY = "test-key-bob"
 ADMIN_KEY = "test-key-admin"
 SERVICE_KEY = "test-key-webui"  # a front end that names its end users
+TASKS_KEY = "test-key-tasks"  # a front end's key for its background tasks
 API_KEYS = (
-    f"{USER_KEY}:alice:user,{OTHER_KEY}:bob:user,{ADMIN_KEY}:ops:admin,{SERVICE_KEY}:webui:service"
+    f"{USER_KEY}:alice:user,{OTHER_KEY}:bob:user,{ADMIN_KEY}:ops:admin,"
+    f"{SERVICE_KEY}:webui:service,{TASKS_KEY}:tasks:service:background"
 )
 
 
@@ -187,6 +189,7 @@ def stack_env(
         "GATEWAY_RESUME_GRACE_S": "1.0",
         "GATEWAY_PING_S": "0.5",  # keep-alives inside every test stream
         "GATEWAY_IDLE_TIMEOUT_S": "3",
+        "GATEWAY_BACKGROUND_MAX_WAIT_S": "2",  # (below the idle timeout)
         "GATEWAY_RATE_LIMIT_RPM": "100000",
         "GATEWAY_MAX_CONCURRENT_STREAMS": "100",
         "GATEWAY_AUDIT_LOG": str(workdir / "audit.jsonl"),

@@ -22,7 +22,7 @@ from redis.retry import Retry
 
 from shared.keys import Keys
 from shared.logs import configure_logging
-from shared.protocol import WorkerHeartbeat
+from shared.protocol import WorkerHeartbeat, celery_queue
 from shared.redis_url import credentials_refused, sync_redis
 from shared.registry import RegistryError, load_registry
 from worker.cancel import CancelWatcher
@@ -177,6 +177,7 @@ def main() -> int:
             job_ttl_s=settings.job_ttl_s,
             conversation_ttl_s=settings.conversation_ttl_s,
             claim_ttl_s=int(settings.worker_lease_ttl_s) + 1,
+            background_slots=settings.background_slots,
         ),
         cancels=cancels,
         leases=leases,
@@ -235,15 +236,19 @@ def main() -> int:
     signals.worker_ready.connect(on_ready, weak=False)
     signals.worker_shutdown.connect(on_shutdown, weak=False)
 
+    background_queue = celery_queue(entry.queue, "background")
     app = create_celery(
-        settings.redis_url, runner, shutdown_grace_s=settings.worker_shutdown_grace_s
+        settings.redis_url,
+        runner,
+        shutdown_grace_s=settings.worker_shutdown_grace_s,
+        background_queue=background_queue,
     )
     try:
         app.worker_main(
             [
                 "worker",
-                "--queues",
-                entry.queue,
+                "--queues",  # in this order: interactive work first
+                f"{entry.queue},{background_queue}",
                 "--pool",
                 "threads",
                 "--concurrency",

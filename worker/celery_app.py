@@ -7,12 +7,20 @@ Celery validates the JSON into :class:`shared.protocol.Job`.
 
 A job that fails validation is logged by its error count only (pydantic's messages would
 quote the prompt).
+
+**Background intake**: the worker consumes its model's interactive queue and, after it
+(``queue_order_strategy = "priority"``), the background queue. :class:`_BackgroundIntake`
+stops reading the background queue while the runner says no (an interactive job runs here,
+or the background slots are full) and reads it again when it says yes, with Celery's own
+``cancel_task_queue`` / ``add_task_queue`` (the remote-control mechanism, made safe against a
+message read while cancelling, celery #1773), from the consumer's own event loop.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Any
+from collections.abc import Callable
+from typing import Any, ClassVar
 
 from celery import Celery, bootsteps
 from pydantic import ValidationError
@@ -47,12 +55,63 @@ def _noop() -> None:
     pass
 
 
-def create_celery(redis_url: str, runner: JobRunner, *, shutdown_grace_s: float) -> Celery:
+class _BackgroundIntake(bootsteps.StartStopStep):  # type: ignore[misc]
+    """Reads the background queue only while ``accepts()`` (looked at every
+    ``SLOT_CHECK_S`` on the consumer's loop). Subclassed per app with its queue and test."""
+
+    requires = ("celery.worker.consumer.tasks:Tasks",)
+    queue: ClassVar[str]
+    accepts: ClassVar[Callable[[], bool]]
+
+    def start(self, c: Any) -> None:
+        hub = getattr(c.controller, "hub", None)
+        if hub is None:
+            return
+        queue, accepts = self.queue, type(self).accepts
+        reading = True  # the worker starts on both queues
+
+        def look() -> None:
+            nonlocal reading
+            if accepts() == reading:
+                return
+            reading = not reading
+            if reading:
+                c.add_task_queue(queue)
+            else:
+                c.cancel_task_queue(queue)
+            logger.debug("background intake %s", "open" if reading else "closed")
+
+        hub.call_repeatedly(SLOT_CHECK_S, look)
+
+
+class _QuietToggles(logging.Filter):
+    """Celery logs every queue it starts or stops reading at INFO; the intake toggles with
+    every interactive job, so those lines are dropped (the toggle logs at DEBUG)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.msg not in ("Canceling queue %s", "Started consuming from %s")
+
+
+def create_celery(
+    redis_url: str,
+    runner: JobRunner,
+    *,
+    shutdown_grace_s: float,
+    background_queue: str | None = None,
+) -> Celery:
     app = Celery("medgemma-worker")
     app.conf.update(celery_options(redis_url))
     # SIGTERM: stop taking jobs, let running ones finish for up to this long (Celery 5.5+).
     app.conf.worker_soft_shutdown_timeout = shutdown_grace_s
     app.steps["consumer"].add(_SlotWatch)
+    if background_queue is not None:
+        intake = type(
+            "BackgroundIntake",
+            (_BackgroundIntake,),
+            {"queue": background_queue, "accepts": staticmethod(runner.accepts_background)},
+        )
+        app.steps["consumer"].add(intake)
+        logging.getLogger("celery.worker.consumer.consumer").addFilter(_QuietToggles())
 
     @app.task(name=GENERATE_TASK, ignore_result=True)  # type: ignore[untyped-decorator]
     def generate(payload: dict[str, Any]) -> None:

@@ -7,6 +7,13 @@ This is everything a Celery task does, without Celery, so it can be tested direc
   and is skipped.
 * **Never run late for nobody.** A job picked up after its ``start_deadline`` is answered with
   a ``queue_timeout`` error event instead of being generated.
+* **Background work gives way.** A background job runs only while no interactive job runs
+  here (the worker stops reading the background queue meanwhile, see
+  :mod:`worker.celery_app`); one that is running when interactive work arrives pauses after
+  its current token — it leaves the engine, keeping its claim and its text — and continues
+  from that text (the handover's continuation) once no interactive job runs here, or at its
+  ``yields_until`` at the latest, so a steady interactive load cannot starve it. This is
+  vLLM's preemption by recompute, at the granularity of one job.
 * **Every job ends with a terminal event** (``done`` or ``error``), whatever fails, so no
   client waits forever. Error messages never contain the prompt or the answer, and neither
   does any log line: logs name the job id, counts and exception types only.
@@ -59,6 +66,10 @@ class RunnerConfig:
     job_ttl_s: int
     conversation_ttl_s: int
     claim_ttl_s: int
+    background_slots: int = 1  # most background jobs at once (WORKER_BACKGROUND_SLOTS)
+
+
+PAUSE_CHECK_S = 0.2  # a paused job looks at its cancel flag and lease this often
 
 
 class JobRunner:
@@ -95,7 +106,26 @@ class JobRunner:
         )
         self._conversations = ConversationWriter(redis, keys, ttl_s=config.conversation_ttl_s)
         self.jobs_running = 0  # Celery's threads run jobs at once: counted under a lock
+        self.interactive_running = 0
+        self.background_running = 0
         self._running_lock = threading.Lock()
+        self._calm = threading.Condition(self._running_lock)  # notified as jobs end
+
+    def accepts_background(self) -> bool:
+        """Whether this worker should take background work now (read by the consumer)."""
+        return (
+            self.interactive_running == 0
+            and self.background_running < self._config.background_slots
+        )
+
+    def _count(self, job: Job, step: int) -> None:
+        with self._running_lock:
+            self.jobs_running += step
+            if job.priority == "background":
+                self.background_running += step
+            else:
+                self.interactive_running += step
+            self._calm.notify_all()
 
     def run(self, job: Job) -> None:
         if not self._leases.acquire(job.job_id):
@@ -127,8 +157,7 @@ class JobRunner:
         if ref is not None:
             pub.on_terminal.append(lambda pipe: self._conversations.release(ref, job.job_id, pipe))
         pub.on_terminal.append(lambda pipe: self._release_held(job, pipe))
-        with self._running_lock:
-            self.jobs_running += 1
+        self._count(job, +1)
         if self._cancels is not None:
             self._cancels.begin(job.job_id)
         unreachable = False  # Redis stayed away longer than the client's retries
@@ -148,8 +177,7 @@ class JobRunner:
                 type(exc).__name__,
             )
         finally:
-            with self._running_lock:
-                self.jobs_running -= 1
+            self._count(job, -1)
             if self._cancels is not None:
                 self._cancels.end(job.job_id)
             handed_over = (unreachable or self._leases.lost(job.job_id)) and not pub.terminal_sent
@@ -222,6 +250,7 @@ class JobRunner:
         )
         started = self._clock()
         over_time = False
+        pausing = False
 
         def on_text(text: str) -> None:
             if self._leases.lost(job.job_id):
@@ -232,22 +261,42 @@ class JobRunner:
                 self._leases.forfeit(job.job_id)
                 logger.info("job %s: claim taken over; its tokens are not published", job.job_id)
 
-        def should_stop() -> bool:  # a lost lease stops it too (_should_stop)
+        def stopped() -> bool:  # a lost lease stops it too (_should_stop)
             nonlocal over_time
             limit = job.max_generation_s
             if limit is not None and self._clock() - started > limit:
                 over_time = True
             return over_time or self._should_stop(job.job_id)
 
+        def should_stop() -> bool:
+            nonlocal pausing
+            if pausing or stopped():  # (a pause, once begun, holds for the engine's last look)
+                return True
+            pausing = self._must_yield(job)
+            return pausing
+
         try:
-            result = self._engine.generate(
-                job.messages,
-                job.sampling,
-                on_text=on_text,
-                should_stop=should_stop,
-                images=images,
-                continue_text=sent,
-            )
+            text, first_token_s = sent, None
+            while True:
+                pausing = False
+                result = self._engine.generate(
+                    job.messages,
+                    job.sampling,
+                    on_text=on_text,
+                    should_stop=should_stop,
+                    images=images,
+                    continue_text=text,
+                )
+                first_token_s = first_token_s or result.first_token_s
+                result.first_token_s = first_token_s
+                if not (pausing and result.finish_reason == "cancelled"):
+                    break
+                text = result.text
+                logger.info("job %s pauses for interactive work", job.job_id)
+                self._wait_for_room(job, stopped)
+                if stopped():
+                    break  # ends as cancelled (or cut by the time limit) with what it has
+                logger.info("job %s resumes after its pause", job.job_id)
         except PromptTooLong as exc:
             pub.error(ErrorCode.PROMPT_TOO_LONG, str(exc), type_="invalid_request_error")
             return
@@ -272,6 +321,22 @@ class JobRunner:
             logger.info("job %s reached its %.0fs limit", job.job_id, job.max_generation_s or 0)
             result.finish_reason = "length"  # ended by the limit, like max_tokens
         self._finish(job, pub, result)
+
+    def _must_yield(self, job: Job) -> bool:
+        """Background work gives way while interactive work runs here, until its
+        ``yields_until``."""
+        return (
+            job.priority == "background"
+            and job.yields_until is not None
+            and self.interactive_running > 0
+            and self._clock() < job.yields_until
+        )
+
+    def _wait_for_room(self, job: Job, stopped: Callable[[], bool]) -> None:
+        """Hold a paused job until it need not give way any more, or must stop."""
+        with self._calm:
+            while self._must_yield(job) and not stopped():
+                self._calm.wait(PAUSE_CHECK_S)
 
     def _should_stop(self, job_id: str) -> bool:
         return self._is_cancelled(job_id) or self._leases.lost(job_id)

@@ -29,6 +29,16 @@ class WorkerSettings(CommonSettings):
         description="Jobs one worker runs at once (Celery threads; with a model, the batch "
         "size). 1 serves one answer at a time.",
     )
+    worker_background_slots: int = Field(
+        default=0,
+        ge=0,
+        le=1024,
+        description="Most background jobs (titles, tags, other front-end tasks) one worker "
+        "runs at once, so interactive work always finds room; 0: half of "
+        "WORKER_CONCURRENCY (at least 1). A worker takes background work only while it runs "
+        "no interactive job, and a running background job pauses while interactive work runs "
+        "beside it (until GATEWAY_BACKGROUND_MAX_WAIT_S after it was sent).",
+    )
     worker_batching: Literal["auto", "always", "off"] = Field(
         default="auto",
         description="auto: with WORKER_CONCURRENCY > 1, a job that finds the worker idle "
@@ -113,3 +123,7 @@ class WorkerSettings(CommonSettings):
         "cancelled (keep it below compose's stop_grace_period).",
     )
     worker_log_level: str = Field(default="INFO", description="Python log level.")
+
+    @property
+    def background_slots(self) -> int:
+        return self.worker_background_slots or max(1, self.worker_concurrency // 2)

@@ -11,7 +11,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from shared.protocol import Usage
+from shared.protocol import Priority, Usage
 
 CONVERSATION_ID = r"^[A-Za-z0-9._-]{1,128}$"
 
@@ -63,6 +63,11 @@ class MedGemmaRequest(BaseModel):
     dan: bool = False
     mcp: list[Any] = Field(default_factory=list, max_length=64)
     stream: bool = True
+    priority: Priority | None = Field(
+        default=None,
+        description="background: give way to interactive work (titles, summaries, batch "
+        "jobs); default: the API key's default, interactive unless configured.",
+    )
 
 
 class MedGemmaResponse(BaseModel):

@@ -6,7 +6,14 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 from sse_starlette import EventSourceResponse
 
-from gateway.deps import AuditDep, ClientGoneDep, PrincipalDep, StateDep, visible_model
+from gateway.deps import (
+    AuditDep,
+    ClientGoneDep,
+    PrincipalDep,
+    StateDep,
+    chosen_model,
+    priority_for,
+)
 from gateway.medgemma import serving
 from gateway.medgemma.protocol import MedGemmaRequest
 
@@ -25,5 +32,6 @@ async def medgemma(
     audit: AuditDep,
     gone: ClientGoneDep,
 ) -> EventSourceResponse | JSONResponse:
-    entry = visible_model(state, principal, req.model)
-    return await serving.serve(state, principal, entry, req, audit, client_gone=gone)
+    entry, aliased = chosen_model(state, principal, req.model)
+    priority = priority_for(principal, req.priority, aliased)
+    return await serving.serve(state, principal, entry, req, priority, audit, client_gone=gone)

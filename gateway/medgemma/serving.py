@@ -38,7 +38,7 @@ from gateway.state import AppState
 from gateway.streaming import JobStream
 from gateway.supervision import Relayed
 from shared.errors import ErrorBody, ErrorCode, ErrorInfo
-from shared.protocol import DoneEvent, QueuedEvent, SamplingParams, TokenEvent
+from shared.protocol import DoneEvent, Priority, QueuedEvent, SamplingParams, TokenEvent
 from shared.registry import ModelEntry
 
 DEFAULT_TEMPERATURE = 0.7
@@ -174,6 +174,7 @@ async def serve(
     principal: Principal,
     entry: ModelEntry,
     req: MedGemmaRequest,
+    priority: Priority,
     audit: AuditInfo,
     *,
     client_gone: ClientGone | None = None,
@@ -210,6 +211,7 @@ async def serve(
             sampling=sampling,
             conversation_id=cid,
             api="medgemma",
+            priority=priority,
         )
         headers = {"X-Job-Id": opened.job_id, "X-Conversation-Id": cid}
         if req.stream:

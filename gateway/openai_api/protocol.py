@@ -12,6 +12,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from gateway.medgemma.protocol import CONVERSATION_ID
+from shared.protocol import Priority
 
 
 class TextContent(BaseModel):
@@ -70,6 +71,14 @@ class ChatCompletionRequest(BaseModel):
         default=None,
         pattern=CONVERSATION_ID,
         description="Extension: keep history on the server (also as X-Conversation-Id).",
+    )
+    priority: Priority | None = Field(
+        default=None,
+        description="Extension: background gives way to interactive work; default: the API "
+        "key's default (interactive unless configured).",
+    )
+    service_tier: Literal["auto", "default", "flex", "priority", "scale"] | None = Field(
+        default=None, description='OpenAI\'s tier: "flex" is background work, the rest interactive.'
     )
     # Known but unsupported: refused by name when set to a non-default value.
     n: int | None = None

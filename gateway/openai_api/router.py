@@ -9,17 +9,20 @@ from fastapi.responses import JSONResponse
 from sse_starlette import EventSourceResponse
 
 from gateway.deps import (
+    BACKGROUND_ALIAS,
     AuditDep,
     ClientGoneDep,
     PrincipalDep,
     StateDep,
+    chosen_model,
     name_end_user,
     note_principal,
-    visible_model,
+    priority_for,
 )
 from gateway.medgemma.protocol import CONVERSATION_ID
 from gateway.openai_api import serving
 from gateway.openai_api.protocol import ChatCompletionRequest, ModelCard, ModelList
+from shared.protocol import Priority
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 
@@ -44,12 +47,14 @@ async def chat_completions(
     if principal.may_name_users and req.user:  # the OpenAI field names the end user too
         principal = name_end_user(principal, req.user, param="user")
         note_principal(request, principal)
-    entry = visible_model(state, principal, req.model)
+    entry, aliased = chosen_model(state, principal, req.model)
+    flex: Priority | None = "background" if req.service_tier == "flex" else None
     return await serving.serve(
         state,
         principal,
         entry,
         req,
+        priority_for(principal, req.priority, aliased, flex),
         x_conversation_id,
         audit,
         client_gone=gone,
@@ -60,13 +65,17 @@ async def chat_completions(
 @router.get("/models", summary="Models you may use, in OpenAI's list format")
 async def list_models(state: StateDep, principal: PrincipalDep) -> ModelList:
     """Models some worker serves first (a front end picks the first as its default), then
-    the others, each group in the registry's order."""
+    their ``@background`` aliases (a front end's task model: the same model, as background
+    work), then the models no worker serves; each group in the registry's order."""
     created = int(state.registry.source.stat().st_mtime)
     usable = [m for m in state.registry.models if principal.is_admin or not m.admin]
     live = await state.chat.jobs.live_counts([m.model_name for m in usable])
-    ordered = sorted(usable, key=lambda m: live[m.model_name] == 0)  # stable
+    served = [m.model_name for m in usable if live[m.model_name]]
+    names = [
+        *served,
+        *(name + BACKGROUND_ALIAS for name in served),
+        *(m.model_name for m in usable if not live[m.model_name]),
+    ]
     return ModelList(
-        data=[
-            ModelCard(id=m.model_name, created=created, owned_by="medgemma-serve") for m in ordered
-        ]
+        data=[ModelCard(id=n, created=created, owned_by="medgemma-serve") for n in names]
     )

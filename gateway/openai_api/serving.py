@@ -49,7 +49,7 @@ from gateway.state import AppState
 from gateway.streaming import JobStream
 from gateway.supervision import Relayed
 from shared.errors import ErrorBody, ErrorCode, ErrorInfo
-from shared.protocol import DoneEvent, QueuedEvent, SamplingParams, TokenEvent
+from shared.protocol import DoneEvent, Priority, QueuedEvent, SamplingParams, TokenEvent
 from shared.registry import ModelEntry
 
 MAX_STOP = 4
@@ -248,6 +248,7 @@ async def serve(
     principal: Principal,
     entry: ModelEntry,
     req: ChatCompletionRequest,
+    priority: Priority,
     header_conversation_id: str | None,
     audit: AuditInfo,
     *,
@@ -278,6 +279,7 @@ async def serve(
             api="openai",
             include_usage=bool(req.stream_options and req.stream_options.include_usage),
             earlier=() if cid else earlier,
+            priority=priority,
         )
         if not resumable:
             opened.resume_grace_s = 0.0
