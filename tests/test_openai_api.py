@@ -138,13 +138,18 @@ def test_v1_models_lists_in_openai_format(stack: Stack) -> None:
 
 def test_v1_models_lists_served_models_first(stack: Stack) -> None:
     """A front end picks the first model of the list as its default: it must be one that a
-    worker serves (the seed's /models says which with ``available``)."""
+    worker serves (the seed's /models says which with ``available``). The served models'
+    ``@background`` aliases (a front end's task model) come next, then the others."""
     with stack.client() as c:
         available = {m["model_name"]: m["available"] for m in c.get("/models").json()}
     ids = [m.id for m in sdk(stack).models.list()]
     assert available["tiny-gemma"] and not available["ghost-model"]
-    flags = [available[i] for i in ids]
-    assert flags == sorted(flags, reverse=True), ids  # every served model before the others
+    rank = [0 if available[i] else 2 for i in ids if "@" not in i]
+    assert rank == sorted(rank), ids  # every served model before the others
+    served = [i for i in ids if "@" not in i and available[i]]
+    aliases = [i for i in ids if i.endswith("@background")]
+    assert aliases == [f"{m}@background" for m in served]  # one per served model, in order
+    assert ids[: len(served) * 2] == served + aliases, ids
 
 
 TOOLS = [

@@ -1,0 +1,194 @@
+"""Does background work delay a clinician? Interactive time to first token, with and without a
+flood of background requests on one worker.
+
+Spawns the stack (Redis, one worker, the gateway; ``bench/serve.py``'s ``SpawnedStack``) and
+runs three phases on it, one after the other, with the same interactive probe: one clinician
+asking a short question, waiting for the whole answer, then asking the next.
+
+* ``alone`` — the probe only.
+* ``background flood`` — ``--flood`` clients keep background requests running the whole phase
+  (``<model>@background``, the alias a front end's task model uses), each as long as a title
+  or a summary may get (``--flood-tokens``).
+* ``same flood, interactive`` — the same clients send the same requests as interactive work:
+  what a clinician gets when every request is equal (the stack before priorities).
+
+Reported: the probe's time to first token (p50, p90) in each phase and the ratios to
+``alone``, and how many background answers finished during the flood (starved or not).
+
+    python bench/priorities.py --spawn-stack demo --worker-concurrency 4 --out report.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # run as a script: make the project's packages importable
+    sys.path.insert(0, str(ROOT))
+
+from bench.serve import (  # noqa: E402
+    DEFAULT_SPAWN_KEY,
+    SpawnedStack,
+    _workdir,
+    describe,
+    machine_info,
+    resolve_model,
+    source_info,
+    stream_openai,
+)
+
+QUESTION = "What are the first steps in treating a patient with suspected sepsis?"
+FLOOD_TEXT = (
+    "Summarise this conversation in one title of at most ten words: a patient with chest pain "
+    "and a cough for three days, fever 38.2, white cells 12.4, CRP 85."
+)
+
+
+def _body(model: str, text: str, max_tokens: int) -> dict[str, Any]:
+    return {
+        "model": model,
+        "messages": [{"role": "user", "content": text}],
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+
+
+async def _flood_client(
+    client: httpx.AsyncClient, model: str, tokens: int, stop: asyncio.Event, done: list[float]
+) -> None:
+    while not stop.is_set():
+        res = await stream_openai(client, _body(model, FLOOD_TEXT, tokens), 0, time.perf_counter())
+        if res.ok:
+            done.append(time.perf_counter())
+        else:
+            await asyncio.sleep(0.5)  # (an error: do not spin)
+
+
+async def phase(
+    base_url: str, key: str, model: str, args: argparse.Namespace, flood_model: str | None
+) -> dict[str, Any]:
+    limits = httpx.Limits(max_connections=args.flood + 8)
+    headers = {"Authorization": f"Bearer {key}"}
+    async with httpx.AsyncClient(
+        base_url=base_url, headers=headers, timeout=args.request_timeout, limits=limits
+    ) as client:
+        stop = asyncio.Event()
+        flood_done: list[float] = []
+        flood = [
+            asyncio.create_task(
+                _flood_client(client, flood_model, args.flood_tokens, stop, flood_done)
+            )
+            for _ in range(args.flood)
+            if flood_model is not None
+        ]
+        if flood:
+            await asyncio.sleep(args.flood_head_start)  # the flood is running when probes start
+        ttfts: list[float] = []
+        errors = 0
+        started = time.perf_counter()
+        for i in range(args.warmup + args.probes):
+            res = await stream_openai(
+                client, _body(model, QUESTION, args.probe_tokens), i, time.perf_counter()
+            )
+            if i >= args.warmup:
+                if res.ok and res.ttft_s is not None:
+                    ttfts.append(res.ttft_s)
+                else:
+                    errors += 1
+            await asyncio.sleep(args.think_s)
+        elapsed = time.perf_counter() - started
+        stop.set()
+        for task in flood:
+            task.cancel()
+        for task in flood:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+    return {
+        "ttft_ms": describe(ttfts, 1000.0),
+        "probe_errors": errors,
+        "flood_answers_finished": sum(1 for t in flood_done if t >= started),
+        "duration_s": round(elapsed, 1),
+    }
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--spawn-stack", default="demo", help="demo, loadtest, or a model folder")
+    p.add_argument("--worker-concurrency", type=int, default=4)
+    p.add_argument("--flood", type=int, default=8, help="background clients")
+    p.add_argument("--flood-tokens", type=int, default=256, help="max_tokens of each")
+    p.add_argument("--flood-head-start", type=float, default=5.0)
+    p.add_argument("--probes", type=int, default=15)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--probe-tokens", type=int, default=32)
+    p.add_argument("--think-s", type=float, default=1.0, help="pause between two probes")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--request-timeout", type=float, default=300.0)
+    p.add_argument("--ready-timeout", type=float, default=300.0)
+    p.add_argument("--keep-workdir", action="store_true")
+    p.add_argument("--out", type=Path, default=None)
+    args = p.parse_args(argv)
+    # What SpawnedStack and resolve_model read from bench/serve.py's arguments.
+    args.api_key = DEFAULT_SPAWN_KEY
+    args.workers = 1
+    args.worker_batch_tokens = None
+    args.worker_env = []
+    args.max_tokens = None
+    args.models_file = str(ROOT / "models.json")
+    args.dtype, args.context_length = "float32", 2048  # (an entry made for a folder)
+    args.loadtest_tokens_per_s, args.loadtest_first_token_ms = 50.0, 0.0
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    report: dict[str, Any] = {
+        "machine": machine_info(),
+        "source": source_info(),
+        "args": {k: str(v) for k, v in vars(args).items()},
+        "phases": {},
+    }
+    with _workdir(args.keep_workdir) as workdir:
+        registry, model = resolve_model(args.spawn_stack, args, workdir)
+        stack = SpawnedStack(registry, model, workdir, args)
+        try:
+            phases = {
+                "alone": None,
+                "background flood": f"{model}@background",
+                "same flood, interactive": model,
+            }
+            for name, flood_model in phases.items():
+                result = asyncio.run(phase(stack.base_url, args.api_key, model, args, flood_model))
+                report["phases"][name] = result
+                t = result["ttft_ms"]
+                print(
+                    f"{name:>24}: TTFT p50 {t['p50']:.0f} ms, p90 {t['p90']:.0f} ms "
+                    f"({t['n']} probes, {result['probe_errors']} errors); "
+                    f"{result['flood_answers_finished']} flood answers finished",
+                    flush=True,
+                )
+        finally:
+            stack.stop()
+    alone = report["phases"]["alone"]["ttft_ms"]["p50"]
+    for name in ("background flood", "same flood, interactive"):
+        ratio = report["phases"][name]["ttft_ms"]["p50"] / alone
+        report["phases"][name]["p50_vs_alone"] = round(ratio, 2)
+        print(f"{name:>24}: p50 TTFT {ratio:.2f}x alone")
+    if args.out:
+        args.out.write_text(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
