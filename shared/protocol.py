@@ -190,11 +190,25 @@ class TokenEvent(_Event):
     text: str
 
 
+class JobTiming(BaseModel):
+    """When a job passed each stage, in Unix time, as the worker saw it: for benchmarks and
+    operators (read from the job's log), never shown to API clients."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    enqueued_at: float = Field(description="The gateway created the job (Job.enqueued_at).")
+    started_at: float = Field(description="The worker started it, after its claim.")
+    first_token_at: float | None = Field(
+        default=None, description="The engine produced its first token (None: no token)."
+    )
+
+
 class DoneEvent(_Event):
     type: Literal["done"] = "done"
     finish_reason: Literal["stop", "length", "cancelled"]
     usage: Usage
     disclaimer: str | None = None
+    timing: JobTiming | None = None
 
 
 class ErrorEvent(_Event):

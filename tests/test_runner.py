@@ -141,6 +141,10 @@ def test_job_streams_tokens_then_done(
     assert isinstance(done, DoneEvent)
     assert done.finish_reason == "length"
     assert done.disclaimer == entry.disclaimer
+    timing = done.timing  # when it passed each stage, for benchmarks (bench/ reads the log)
+    assert timing is not None and timing.enqueued_at == job.enqueued_at
+    assert timing.first_token_at is not None
+    assert timing.enqueued_at <= timing.started_at <= timing.first_token_at
     assert 0 < redis.ttl(KEYS.job_log(job.job_id)) <= JOB_TTL_S
     assert redis.get(KEYS.job_claim(job.job_id)) == "done:w-test"  # never runs again
     assert 0 < redis.ttl(KEYS.job_claim(job.job_id)) <= CONFIG.claim_ttl_s

@@ -28,7 +28,7 @@ from redis.exceptions import WatchError
 
 from shared.errors import ErrorCode, ErrorInfo
 from shared.keys import Keys
-from shared.protocol import DoneEvent, ErrorEvent, TokenEvent, Usage, encode_event
+from shared.protocol import DoneEvent, ErrorEvent, JobTiming, TokenEvent, Usage, encode_event
 from worker.token_writer import Outbox, TokenWriter
 
 if TYPE_CHECKING:
@@ -192,6 +192,7 @@ class EventPublisher:
         *,
         disclaimer: str | None,
         also: PipelineHook | None = None,
+        timing: JobTiming | None = None,
     ) -> None:
         self._tokens_written()
         event = DoneEvent(
@@ -200,6 +201,7 @@ class EventPublisher:
             finish_reason=finish_reason,
             usage=usage,
             disclaimer=disclaimer,
+            timing=timing,
         )
         self.emit(event, also=also)
 

@@ -36,7 +36,15 @@ from redis.exceptions import RedisError
 
 from shared.errors import ErrorCode
 from shared.keys import Keys
-from shared.protocol import TERMINAL_TYPES, Job, TokenEvent, Usage, decode_event, record_start
+from shared.protocol import (
+    TERMINAL_TYPES,
+    Job,
+    JobTiming,
+    TokenEvent,
+    Usage,
+    decode_event,
+    record_start,
+)
 from shared.registry import ModelEntry
 from worker.cancel import CancelWatcher
 from worker.conversation import ConversationWriter
@@ -320,7 +328,13 @@ class JobRunner:
         if over_time and result.finish_reason == "cancelled" and not self._is_cancelled(job.job_id):
             logger.info("job %s reached its %.0fs limit", job.job_id, job.max_generation_s or 0)
             result.finish_reason = "length"  # ended by the limit, like max_tokens
-        self._finish(job, pub, result)
+        first = result.first_token_s
+        timing = JobTiming(
+            enqueued_at=job.enqueued_at,
+            started_at=started,
+            first_token_at=None if first is None else started + first,
+        )
+        self._finish(job, pub, result, timing)
 
     def _must_yield(self, job: Job) -> bool:
         """Background work gives way while interactive work runs here, until its
@@ -356,7 +370,9 @@ class JobRunner:
                 images[part.key] = img.convert("RGB")
         return images
 
-    def _finish(self, job: Job, pub: EventPublisher, result: GenerationResult) -> None:
+    def _finish(
+        self, job: Job, pub: EventPublisher, result: GenerationResult, timing: JobTiming
+    ) -> None:
         usage = Usage(
             prompt_tokens=result.prompt_tokens,
             completion_tokens=result.completion_tokens,
@@ -375,6 +391,7 @@ class JobRunner:
             usage,
             disclaimer=self._entry.disclaimer,
             also=append if store else None,
+            timing=timing,
         )
         logger.info(
             "job %s finished: %s, %d prompt + %d completion tokens, first token %.3fs, "
