@@ -13,7 +13,7 @@ per model. Options chosen for long GPU jobs on Redis:
   one of its slots is free, so no job waits behind a busy worker while another is idle (with
   early acks, prefetch alone is no bound: an acknowledged job stops counting, and a busy
   worker held the next job; ``tests/test_prefetch.py``). Celery re-reads the queue only when
-  the consumer's loop wakes, so the worker wakes it every 20 ms (``worker/celery_app.py``);
+  the consumer's loop wakes, so the worker wakes it every 20 ms (``worker/runtime/celery_app.py``);
   measured, the cost is then +0.8 ms p50 time to first token at 8 streams on 8 slots and
   +18 ms (4.5%) when jobs queue (docs/BENCHMARKS.md), instead of +600 ms without the timer.
 * ``queue_order_strategy = "priority"``: a worker reads its queues in the order it lists them,

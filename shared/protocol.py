@@ -25,7 +25,7 @@ GENERATE_TASK = "medgemma.generate"
 
 #: A job's class. ``background`` work (a front end's titles, tags, suggestions) goes to its
 #: own Celery queue, which workers read after the interactive one and only while they run no
-#: interactive job; it may also pause in the worker for interactive work (worker/runner.py).
+#: interactive job; it may also pause in the worker for interactive work (worker/runtime/runner.py).
 Priority = Literal["interactive", "background"]
 PRIORITIES: Final[tuple[Priority, ...]] = ("interactive", "background")
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
+import fakeredis
 import pytest
 
 from devstack.tiny_gemma import build_tiny_gemma
@@ -20,3 +21,15 @@ def stack(tmp_path_factory: pytest.TempPathFactory, tiny_gemma_dir: Path) -> Ite
     s = start_stack(tmp_path_factory.mktemp("stack"), tiny_gemma_dir)
     yield s
     s.stop()
+
+
+@pytest.fixture
+def server() -> fakeredis.FakeServer:
+    """A fake Redis server of the test's own: its clients share it, as processes share Redis."""
+    return fakeredis.FakeServer()
+
+
+@pytest.fixture
+def redis(server: fakeredis.FakeServer) -> fakeredis.FakeRedis:
+    """A sync client on ``server`` that answers ``str``, as the worker's is."""
+    return fakeredis.FakeRedis(server=server, decode_responses=True)

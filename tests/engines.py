@@ -14,7 +14,7 @@ import torch
 from shared.registry import ModelEntry, Registry
 from worker.engines.factory import EngineOptions, build_engine
 from worker.engines.model import ModelEngine
-from worker.loader import LoadedModel, load_model
+from worker.weights.loader import LoadedModel, load_model
 
 
 def tiny_entry(folder: Path, **fields: Any) -> ModelEntry:

@@ -16,11 +16,11 @@ from typing import TypeVar
 import fakeredis
 import pytest
 
-import worker.conversation
-from gateway.conversations import ConversationStore
+import worker.runtime.conversation
+from gateway.services.conversations import ConversationStore
 from shared.keys import Keys, owner_tag
 from shared.protocol import ChatMessage, ConversationRef, TextPart
-from worker.conversation import ConversationWriter
+from worker.runtime.conversation import ConversationWriter
 
 T = TypeVar("T")
 TTL_S = 3600
@@ -29,18 +29,8 @@ BOB = "bob@example.org"
 
 
 @pytest.fixture
-def server() -> fakeredis.FakeServer:
-    return fakeredis.FakeServer()
-
-
-@pytest.fixture
-def sync_redis(server: fakeredis.FakeServer) -> fakeredis.FakeRedis:
-    return fakeredis.FakeRedis(server=server, decode_responses=True)
-
-
-@pytest.fixture
-def writer(sync_redis: fakeredis.FakeRedis) -> ConversationWriter:
-    return ConversationWriter(sync_redis, Keys(), ttl_s=TTL_S)
+def writer(redis: fakeredis.FakeRedis) -> ConversationWriter:
+    return ConversationWriter(redis, Keys(), ttl_s=TTL_S)
 
 
 @pytest.fixture
@@ -48,7 +38,7 @@ def clock(monkeypatch: pytest.MonkeyPatch) -> itertools.count[float]:
     """The writer's clock: each turn is stored one second after the previous one."""
     ticks = itertools.count(1_700_000_000.0, 1.0)
     fake = types.SimpleNamespace(time=lambda: next(ticks))
-    monkeypatch.setattr(worker.conversation, "time", fake)
+    monkeypatch.setattr(worker.runtime.conversation, "time", fake)
     return ticks
 
 
@@ -91,7 +81,7 @@ def test_lock_is_exclusive(server: fakeredis.FakeServer) -> None:
 
 
 def test_only_the_holder_releases_the_lock(
-    server: fakeredis.FakeServer, sync_redis: fakeredis.FakeRedis, writer: ConversationWriter
+    server: fakeredis.FakeServer, redis: fakeredis.FakeRedis, writer: ConversationWriter
 ) -> None:
     lock_key = Keys().conversation_lock(ALICE, "c1")
     ref = ConversationRef(user_id=ALICE, conversation_id="c1")
@@ -100,22 +90,22 @@ def test_only_the_holder_releases_the_lock(
         return await store.lock(ALICE, "c1", "job-holder1", TTL_S) is not None
 
     assert run_store(server, take)
-    assert 0 < sync_redis.ttl(lock_key) <= TTL_S
+    assert 0 < redis.ttl(lock_key) <= TTL_S
 
     # Another job's id releases nothing, on either side.
     writer.release(ref, "job-intruder")
     run_store(server, lambda s: s.unlock(ALICE, "c1", "job-intruder"))
-    assert sync_redis.get(lock_key) == "job-holder1"
+    assert redis.get(lock_key) == "job-holder1"
     assert run_store(server, lambda s: s.lock(ALICE, "c1", "job-other1", TTL_S)) is None
 
     # The worker, holding the job id, releases it; a new turn can then lock.
     writer.release(ref, "job-holder1")
-    assert sync_redis.get(lock_key) is None
+    assert redis.get(lock_key) is None
     assert run_store(server, lambda s: s.lock(ALICE, "c1", "job-next1", TTL_S)) == []
 
     # The gateway's unlock with the right id works too.
     run_store(server, lambda s: s.unlock(ALICE, "c1", "job-next1"))
-    assert sync_redis.get(lock_key) is None
+    assert redis.get(lock_key) is None
 
 
 # --- turns and history ----------------------------------------------------------------------
@@ -123,12 +113,12 @@ def test_only_the_holder_releases_the_lock(
 
 def test_written_turn_reads_back_in_order(
     server: fakeredis.FakeServer,
-    sync_redis: fakeredis.FakeRedis,
+    redis: fakeredis.FakeRedis,
     writer: ConversationWriter,
     clock: itertools.count[float],
 ) -> None:
-    _store_turn(sync_redis, writer, ALICE, "c1", "What is a fever?", "A raised temperature.")
-    _store_turn(sync_redis, writer, ALICE, "c1", "And a cough?", "A reflex.")
+    _store_turn(redis, writer, ALICE, "c1", "What is a fever?", "A raised temperature.")
+    _store_turn(redis, writer, ALICE, "c1", "And a cough?", "A reflex.")
     history = run_store(server, lambda s: s.history(ALICE, "c1"))
     assert [(m.role, m.text) for m in history] == [
         ("user", "What is a fever?"),
@@ -144,14 +134,14 @@ def test_unknown_conversation_has_no_history(server: fakeredis.FakeServer) -> No
 
 def test_list_is_most_recent_first(
     server: fakeredis.FakeServer,
-    sync_redis: fakeredis.FakeRedis,
+    redis: fakeredis.FakeRedis,
     writer: ConversationWriter,
     clock: itertools.count[float],
 ) -> None:
-    _store_turn(sync_redis, writer, ALICE, "old", "q", "a")
-    _store_turn(sync_redis, writer, ALICE, "middle", "q", "a")
-    _store_turn(sync_redis, writer, ALICE, "new", "q", "a")
-    _store_turn(sync_redis, writer, ALICE, "old", "q2", "a2")  # used again: now the newest
+    _store_turn(redis, writer, ALICE, "old", "q", "a")
+    _store_turn(redis, writer, ALICE, "middle", "q", "a")
+    _store_turn(redis, writer, ALICE, "new", "q", "a")
+    _store_turn(redis, writer, ALICE, "old", "q2", "a2")  # used again: now the newest
     rows = run_store(server, lambda s: s.list(ALICE))
     assert [r.conversation_id for r in rows] == ["old", "new", "middle"]
     assert [r.messages for r in rows] == [4, 2, 2]
@@ -160,31 +150,31 @@ def test_list_is_most_recent_first(
 
 def test_list_hides_expired_conversations(
     server: fakeredis.FakeServer,
-    sync_redis: fakeredis.FakeRedis,
+    redis: fakeredis.FakeRedis,
     writer: ConversationWriter,
     clock: itertools.count[float],
 ) -> None:
     keys = Keys()
-    _store_turn(sync_redis, writer, ALICE, "keep", "q", "a")
-    _store_turn(sync_redis, writer, ALICE, "gone", "q", "a")
-    sync_redis.pexpire(keys.conversation(ALICE, "gone"), 1)
+    _store_turn(redis, writer, ALICE, "keep", "q", "a")
+    _store_turn(redis, writer, ALICE, "gone", "q", "a")
+    redis.pexpire(keys.conversation(ALICE, "gone"), 1)
     deadline = time.monotonic() + 2
-    while sync_redis.exists(keys.conversation(ALICE, "gone")) and time.monotonic() < deadline:
+    while redis.exists(keys.conversation(ALICE, "gone")) and time.monotonic() < deadline:
         time.sleep(0.005)
     rows = run_store(server, lambda s: s.list(ALICE))
     assert [r.conversation_id for r in rows] == ["keep"]
     # and the index forgets it, so it never comes back
-    assert sync_redis.zrange(keys.conversations(ALICE), 0, -1) == ["keep"]
+    assert redis.zrange(keys.conversations(ALICE), 0, -1) == ["keep"]
 
 
 def test_users_with_the_same_conversation_id_are_separate(
     server: fakeredis.FakeServer,
-    sync_redis: fakeredis.FakeRedis,
+    redis: fakeredis.FakeRedis,
     writer: ConversationWriter,
     clock: itertools.count[float],
 ) -> None:
-    _store_turn(sync_redis, writer, ALICE, "shared-id", "alice asks", "alice answer")
-    _store_turn(sync_redis, writer, BOB, "shared-id", "bob asks", "bob answer")
+    _store_turn(redis, writer, ALICE, "shared-id", "alice asks", "alice answer")
+    _store_turn(redis, writer, BOB, "shared-id", "bob asks", "bob answer")
 
     async def go(store: ConversationStore) -> tuple[list[str], list[str], int, int]:
         a = [m.text for m in await store.history(ALICE, "shared-id")]
@@ -209,10 +199,10 @@ def test_users_with_the_same_conversation_id_are_separate(
 
 
 def test_user_ids_never_appear_in_key_names(
-    sync_redis: fakeredis.FakeRedis, writer: ConversationWriter, clock: itertools.count[float]
+    redis: fakeredis.FakeRedis, writer: ConversationWriter, clock: itertools.count[float]
 ) -> None:
-    _store_turn(sync_redis, writer, ALICE, "c1", "q", "a")
-    names = list(sync_redis.scan_iter("*"))
+    _store_turn(redis, writer, ALICE, "c1", "q", "a")
+    names = list(redis.scan_iter("*"))
     assert names
     assert all(ALICE not in n for n in names)
     assert all(owner_tag(ALICE) in n for n in names)
@@ -220,12 +210,12 @@ def test_user_ids_never_appear_in_key_names(
 
 def test_delete(
     server: fakeredis.FakeServer,
-    sync_redis: fakeredis.FakeRedis,
+    redis: fakeredis.FakeRedis,
     writer: ConversationWriter,
     clock: itertools.count[float],
 ) -> None:
-    _store_turn(sync_redis, writer, ALICE, "c1", "q", "a")
-    _store_turn(sync_redis, writer, ALICE, "c2", "q", "a")
+    _store_turn(redis, writer, ALICE, "c1", "q", "a")
+    _store_turn(redis, writer, ALICE, "c2", "q", "a")
 
     async def go(store: ConversationStore) -> tuple[bool, bool, list[str], int]:
         first = await store.delete(ALICE, "c1")
@@ -239,19 +229,19 @@ def test_delete(
     assert again is False
     assert listed == ["c2"]
     assert left == 0
-    assert sync_redis.zscore(Keys().conversations(ALICE), "c1") is None
+    assert redis.zscore(Keys().conversations(ALICE), "c1") is None
 
 
 def test_every_key_has_a_ttl(
     server: fakeredis.FakeServer,
-    sync_redis: fakeredis.FakeRedis,
+    redis: fakeredis.FakeRedis,
     writer: ConversationWriter,
     clock: itertools.count[float],
 ) -> None:
     run_store(server, lambda s: s.lock(ALICE, "c1", "job-aaaaaaaa", 600))
-    _store_turn(sync_redis, writer, ALICE, "c1", "q", "a")
-    _store_turn(sync_redis, writer, BOB, "c9", "q", "a")
-    names = list(sync_redis.scan_iter("*"))
+    _store_turn(redis, writer, ALICE, "c1", "q", "a")
+    _store_turn(redis, writer, BOB, "c9", "q", "a")
+    names = list(redis.scan_iter("*"))
     assert len(names) == 5  # two conversations, two indexes, one lock
     for name in names:
-        assert sync_redis.ttl(name) > 0, name
+        assert redis.ttl(name) > 0, name

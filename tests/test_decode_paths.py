@@ -16,7 +16,7 @@ from shared.protocol import ChatMessage, ImagePart, SamplingParams, TextPart
 from tests.engines import load_tiny, make_engine, one_torch_thread, tiny_entry  # noqa: F401
 from worker.engines.base import GenerationResult
 from worker.engines.model import ModelEngine
-from worker.loader import LoadedModel
+from worker.weights.loader import LoadedModel
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

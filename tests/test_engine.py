@@ -21,7 +21,7 @@ from tests.engines import load_tiny, make_engine, one_torch_thread, tiny_entry  
 from worker.engines.base import PromptTooLong
 from worker.engines.detokenize import DeltaStreamer
 from worker.engines.model import ModelEngine
-from worker.loader import LoadedModel
+from worker.weights.loader import LoadedModel
 
 # With the tiny model's seed-0 weights this prompt never produces an end-of-turn token within
 # 30 greedy steps (checked in test_prompt_runs_to_the_length_limit).

@@ -1,4 +1,4 @@
-"""worker.events: every write of a job's events is fenced by its claim. A worker whose claim
+"""worker.runtime.events: every write of a job's events is fenced by its claim. A worker whose claim
 another worker holds now writes nothing — no token, no terminal event, nothing that the
 terminal transaction would store — to the log or the live channel."""
 
@@ -9,7 +9,7 @@ import pytest
 
 from shared.keys import Keys
 from shared.protocol import Usage
-from worker.events import EventPublisher, Fenced
+from worker.runtime.events import EventPublisher, Fenced
 
 KEYS = Keys()
 JOB = "job-fenced-0001"

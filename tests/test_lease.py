@@ -6,7 +6,7 @@ from __future__ import annotations
 import fakeredis
 
 from shared.keys import Keys
-from worker.lease import LeaseKeeper
+from worker.runtime.lease import LeaseKeeper
 
 JOBS = 300
 

@@ -1,4 +1,4 @@
-"""worker.loader: weights sources, quantization, GGUF conversion and the ModelLoadError codes.
+"""worker.weights: weights sources, quantization, GGUF conversion and the ModelLoadError codes.
 
 Nothing here reaches the internet. The hub error paths run for real against huggingface_hub:
 offline mode, a closed port on 127.0.0.1 standing in for an unreachable hub, and a small HTTP
@@ -34,15 +34,10 @@ from transformers import (
 )
 
 from shared.registry import ModelEntry, Registry
-from worker.loader import (
-    GGUF_MARKER,
-    LoadedModel,
-    ModelLoadError,
-    gguf_cache_folder,
-    hf_token_from_env,
-    load_model,
-    resolve_device,
-)
+from worker.weights.errors import ModelLoadError
+from worker.weights.hub import hf_token_from_env
+from worker.weights.loader import LoadedModel, load_model, resolve_device
+from worker.weights.sources import GGUF_MARKER, gguf_cache_folder
 
 SENTENCES = [
     "The patient reports a mild fever and a dry cough since Monday.",
@@ -351,7 +346,7 @@ def _greedy(loaded: LoadedModel, n: int, text: str = "The patient reports") -> l
 def test_local_folder_full_precision(
     tiny_llama_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.INFO, logger="worker.loader")
+    caplog.set_level(logging.INFO, logger="worker.weights.loader")
     entry, registry = _entry(
         tmp_path, path=str(tiny_llama_dir), quantization="8bit", dtype="float32"
     )
@@ -374,7 +369,7 @@ def test_local_folder_full_precision(
 def test_auto_dtype_on_a_cpu_is_bfloat16_only_where_it_is_native(
     tiny_llama_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, native: bool, dtype: str
 ) -> None:
-    monkeypatch.setattr("worker.loader.native_bf16_cpu", lambda: native)
+    monkeypatch.setattr("worker.weights.loader.native_bf16_cpu", lambda: native)
     entry, registry = _entry(tmp_path, path=str(tiny_llama_dir))  # dtype "auto"
     loaded = load_model(entry, registry, device="cpu")
     assert loaded.dtype == dtype

@@ -1,4 +1,5 @@
-"""worker.runner.JobRunner: one job from claim to terminal event, on fake Redis and a real engine.
+"""worker.runtime.runner.JobRunner: one job from claim to terminal event, on fake Redis and a
+real engine.
 
 The engine is the tiny random Gemma 3 of ``devstack.tiny_gemma``; Redis is fakeredis. What is
 checked is what a client or an operator sees in Redis: the job's replay log and live channel,
@@ -37,8 +38,8 @@ from shared.protocol import (
 from shared.registry import ModelEntry
 from tests.engines import load_tiny, make_engine, one_torch_thread, tiny_entry  # noqa: F401
 from worker.engines.model import ModelEngine
-from worker.loader import LoadedModel
-from worker.runner import JobRunner, RunnerConfig
+from worker.runtime.runner import JobRunner, RunnerConfig
+from worker.weights.loader import LoadedModel
 
 PROMPT = "Hello! How are you today?"  # runs to the length limit with the tiny model (greedy)
 SECRET = "PATIENT-NAME-Jane-Doe-1970"
@@ -70,16 +71,6 @@ def engine(loaded: LoadedModel) -> Iterator[ModelEngine]:
     e = make_engine(loaded, 1024)
     yield e
     e.close()
-
-
-@pytest.fixture
-def server() -> fakeredis.FakeServer:
-    return fakeredis.FakeServer()
-
-
-@pytest.fixture
-def redis(server: fakeredis.FakeServer) -> fakeredis.FakeRedis:
-    return fakeredis.FakeRedis(server=server, decode_responses=True)
 
 
 @pytest.fixture

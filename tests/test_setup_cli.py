@@ -1,4 +1,4 @@
-"""``medgemma setup token|download|check`` (worker.cli), run through ``main(argv)``.
+"""``medgemma setup token|download|check`` (worker.setup.cli), run through ``main(argv)``.
 
 Nothing reaches the internet. The hub is either unreachable for real (a closed port on
 127.0.0.1, or ``HF_HUB_OFFLINE=1``) or the small fake hub of ``tests.test_loader``, extended here
@@ -24,15 +24,12 @@ import torch
 
 from shared.registry import ModelEntry, Registry
 from tests.test_loader import SECRET_TOKEN, _closed_port, _FakeHub, serve_hub
-from worker.cli import main
-from worker.loader import load_model
-from worker.setup_checks import (
-    KNOWN_REPOS,
-    HubTimeout,
-    _with_deadline,
-    explain_hub_error,
-    parameters_of_folder,
-)
+from worker.setup.cli import main
+from worker.setup.machine import KNOWN_REPOS, parameters_of_folder
+from worker.setup.token import explain_hub_error
+from worker.weights.hub import with_deadline
+from worker.weights.hub_errors import HubTimeout
+from worker.weights.loader import load_model
 
 ROOT = Path(__file__).resolve().parent.parent
 ACCOUNT = "dr-kim"
@@ -184,7 +181,7 @@ def test_token_with_hub_unreachable_in_a_subprocess(tmp_path: Path) -> None:
     )
     started = time.perf_counter()
     proc = subprocess.run(
-        [sys.executable, "-m", "worker.cli", "setup", "token", "--timeout", "10"],
+        [sys.executable, "-m", "worker.setup.cli", "setup", "token", "--timeout", "10"],
         cwd=tmp_path,
         env=env,
         capture_output=True,
@@ -290,7 +287,7 @@ def test_token_file(
 def test_hub_call_deadline() -> None:
     started = time.perf_counter()
     with pytest.raises(HubTimeout) as info:
-        _with_deadline(lambda: time.sleep(5), 0.2)
+        with_deadline(lambda: time.sleep(5), 0.2)
     assert time.perf_counter() - started < 2
     entry = ModelEntry.model_validate(_entry("m", repo_id="org/m"))
     what, detail = explain_hub_error(info.value, entry=entry, repo_id="org/m", account=None)
@@ -468,8 +465,8 @@ def test_check_tiny_model_on_cpu_with_smoke(
         p.numel() for p in AutoModelForImageTextToText.from_pretrained(tiny_gemma_dir).parameters()
     )
     estimate = _line(out, "OK", "memory estimate")
-    # dtype "auto": bfloat16 on a CPU with native bf16, else float32 (worker/loader.py)
-    from worker.quantization import native_bf16_cpu
+    # dtype "auto": bfloat16 on a CPU with native bf16, else float32 (worker/weights/loader.py)
+    from worker.weights.quantization import native_bf16_cpu
 
     size = "2 bytes (bfloat16)" if native_bf16_cpu() else "4 bytes (float32)"
     assert f"{exact:,} parameters x {size}" in estimate

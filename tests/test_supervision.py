@@ -15,7 +15,7 @@ from shared.keys import Keys
 from shared.protocol import ChatMessage, SamplingParams, TextPart, WorkerHeartbeat
 from tests.engines import load_tiny, make_engine, one_torch_thread, tiny_entry  # noqa: F401
 from worker.engines.batching import BatchUnavailable
-from worker.heartbeat import Heartbeat
+from worker.runtime.heartbeat import Heartbeat
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -1,5 +1,5 @@
-"""worker.token_writer: one thread writes every job's tokens, joining a job's deltas into one
-event when Redis falls behind, never losing, repeating or reordering text, and still fenced
+"""worker.runtime.token_writer: one thread writes every job's tokens, joining a job's deltas into
+one event when Redis falls behind, never losing, repeating or reordering text, and still fenced
 by the claim. Against a real redis-server; "behind" is a link with 50 ms each way
 (``devstack.netbed.DelayProxy`` on loopback)."""
 
@@ -17,8 +17,8 @@ from devstack.netbed import DelayProxy
 from devstack.processes import free_port, start_redis
 from shared.keys import Keys
 from shared.protocol import Usage
-from worker.events import EventPublisher, Fenced
-from worker.token_writer import TokenWriter, WriterStopped
+from worker.runtime.events import EventPublisher, Fenced
+from worker.runtime.token_writer import TokenWriter, WriterStopped
 
 KEYS = Keys()
 USAGE = Usage(prompt_tokens=1, completion_tokens=40, total_tokens=41)

@@ -25,20 +25,20 @@ from shared.logs import configure_logging
 from shared.protocol import WorkerHeartbeat, celery_queue
 from shared.redis_url import credentials_refused, sync_redis
 from shared.registry import RegistryError, load_registry
-from worker.cancel import CancelWatcher
-from worker.celery_app import create_celery
 from worker.engines.base import GenerationEngine
-from worker.heartbeat import Heartbeat
-from worker.lease import LeaseKeeper
-from worker.runner import JobRunner, RunnerConfig
+from worker.runtime.cancel import CancelWatcher
+from worker.runtime.celery_app import create_celery
+from worker.runtime.heartbeat import Heartbeat
+from worker.runtime.lease import LeaseKeeper
+from worker.runtime.runner import JobRunner, RunnerConfig
+from worker.runtime.token_writer import TokenWriter
 from worker.settings import WorkerSettings
-from worker.token_writer import TokenWriter
 from worker.torch_env import prepare_cpu_compile
 
 # A command that meets a dropped connection (a Redis restart, a failover) is retried for
 # about 1.8 s (0.05, 0.1, ... capped at 0.5 s), well inside the job's lease: a running
 # answer rides out a short outage. Writes are safe to retry: token writes are idempotent by
-# their stream id (worker/events.py), everything else is fenced or compare-and-set. A reply
+# their stream id (worker/runtime/events.py), everything else is fenced or compare-and-set. A reply
 # that does not come (a cut link: every packet dropped) is not retried: after
 # WORKER_REDIS_TIMEOUT_S the job stops and is left to the gateway to hand over.
 RIDE_OUT = Retry(
@@ -90,7 +90,9 @@ def main() -> int:
     prepare_cpu_compile(settings.worker_device, settings.worker_compile != "off")
     from worker.engines.factory import EngineOptions, build_engine
     from worker.engines.loadtest import LoadTestEngine
-    from worker.loader import ModelLoadError, hf_token_from_env, load_model
+    from worker.weights.errors import ModelLoadError
+    from worker.weights.hub import hf_token_from_env
+    from worker.weights.loader import load_model
 
     if settings.worker_torch_threads:
         import torch

@@ -35,3 +35,10 @@ def prepare_cpu_compile(device: str, compile_on: bool) -> None:
         logger.warning("torch was imported before %s could be set: no freezing", FREEZING_VAR)
         return
     os.environ[FREEZING_VAR] = "1"
+
+
+def inductor_freezing() -> bool:
+    """Whether inductor freezes compiled graphs in this process (imports torch)."""
+    import torch._inductor.config as inductor_config
+
+    return bool(inductor_config.freezing)

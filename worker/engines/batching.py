@@ -45,7 +45,7 @@ from transformers.generation.configuration_utils import ContinuousBatchingConfig
 from shared.protocol import SamplingParams
 from worker.engines.prompt import Prompter
 from worker.engines.warpers import use_fast_warpers
-from worker.loader import LoadedModel
+from worker.weights.loader import LoadedModel
 
 logger = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ from worker.engines.model import ModelEngine
 from worker.engines.prompt import Prompter
 from worker.engines.single import SingleDecoder
 from worker.engines.turns import Turns
-from worker.loader import LoadedModel
+from worker.weights.loader import LoadedModel
 
 #: Tokens per continuous-batching step unless WORKER_BATCH_TOKENS says otherwise. On the CPU a
 #: smaller step gave the same tokens/s and a shorter wait for new requests' first token.

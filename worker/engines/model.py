@@ -1,9 +1,10 @@
 """The model engine: one generation from chat to result, decoded on the path that is fastest at
 the current load.
 
-The sequence is the same for every job: continuation (a handed-over answer) → prompt (chat
-template, trimming) → answer budget → decode (token ids) → text deltas (detokenize, stop
-strings) → finish reason → result. Only the decoding differs:
+The sequence is the same for every job and every engine (:class:`~worker.engines.base.Engine`):
+continuation (a handed-over answer) → prompt (chat template, trimming) → answer budget → decode
+(token ids) → text deltas (detokenize, stop strings) → finish reason → result. This module is
+the decoding loop, on one of two paths:
 
 * **single** (:mod:`worker.engines.single`): ``generate`` alone on the device, compiled (CUDA
   graphs on a GPU). Fastest for one stream: on the CPU the batch decodes one stream at about
@@ -27,14 +28,11 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
-
-from PIL import Image
+from collections.abc import Callable, Sequence
 
 from shared.protocol import ChatMessage, SamplingParams
-from worker.engines.base import DecodePath, FinishReason, GenerationResult
+from worker.engines.base import Continuation, DecodePath, Engine, TextStream
 from worker.engines.batching import BatchDecoder, BatchStream
-from worker.engines.detokenize import DeltaStreamer
 from worker.engines.prompt import Prompt, Prompter
 from worker.engines.single import SingleDecoder, SingleStream
 
@@ -43,8 +41,10 @@ logger = logging.getLogger(__name__)
 WARMUP_TEXT = "Hello! Please say a few words."
 
 
-class ModelEngine:
+class ModelEngine(Engine[Prompt]):
     """Generates answers with one loaded model: alone, or in the batch when it is busy."""
+
+    prompter: Prompter
 
     def __init__(
         self,
@@ -54,17 +54,13 @@ class ModelEngine:
         *,
         always_batch: bool = False,
     ) -> None:
-        self.prompter = prompter
+        super().__init__(prompter)
         self.single = single
         self.batch = batch
         self._always_batch = always_batch and batch is not None
         self._lock = threading.Lock()
         self._alone: SingleStream | None = None  # the text job decoding alone, if any
         self._batched = 0  # jobs in (or on their way into) the batch
-
-    @property
-    def multimodal(self) -> bool:
-        return self.prompter.multimodal
 
     def warmup(self) -> None:
         """Compile and capture before the first job: the worker announces itself only after."""
@@ -88,32 +84,18 @@ class ModelEngine:
             self.batch.close()
         self.single.close()
 
-    def generate(
+    def decode(
         self,
-        messages: Sequence[ChatMessage],
-        sampling: SamplingParams,
-        *,
-        on_text: Callable[[str], None],
-        should_stop: Callable[[], bool] = lambda: False,
-        images: Mapping[str, Image.Image] | None = None,
-        continue_text: str = "",
-    ) -> GenerationResult:
-        """Run one generation; ``on_text`` gets each text delta as soon as it is printable.
-
-        ``images`` maps the key of each image part in ``messages`` to its image.
-        ``continue_text`` is an answer already sent by a worker that was lost: it is
-        prefilled as the start of the answer and generation goes on from it."""
-        messages, sampling, done_tokens = self.prompter.continuation(
-            messages, sampling, continue_text
-        )
-        prompt = self.prompter.build(messages, sampling.max_new_tokens, images)
-        budget = self.prompter.budget(
-            prompt, sampling.max_new_tokens, open_ended=sampling.open_ended
-        )
-        text = DeltaStreamer(self.prompter.tokenizer, on_text, tuple(sampling.stop))
-        batchable = self.batch is not None and not images and sampling.seed is None
+        prompt: Prompt,
+        job: Continuation,
+        budget: int,
+        text: TextStream,
+        should_stop: Callable[[], bool],
+    ) -> tuple[list[int], DecodePath]:
+        """Decode on the path the load calls for; returns the generated ids and the path."""
+        sampling = job.sampling
+        batchable = self.batch is not None and not prompt.images and sampling.seed is None
         batchable = batchable and "pixel_values" not in prompt.inputs
-        started = time.perf_counter()
 
         def consume(stream: SingleStream | BatchStream) -> list[int]:
             """Push the stream's ids to the text until it ends or must stop; returns the ids
@@ -130,25 +112,7 @@ class ModelEngine:
                     break
             return taken
 
-        generated, path = self._decode(prompt, budget, sampling, batchable, should_stop, consume)
-        text.end()
-        reason: FinishReason
-        if text.stopped_by_string or (generated and generated[-1] in self.prompter.eos_token_ids):
-            reason = "stop"
-        elif len(generated) < budget and should_stop():
-            reason = "cancelled"
-        else:
-            reason = "length"
-        first = None if text.first_token_at is None else text.first_token_at - started
-        return GenerationResult(
-            finish_reason=reason,
-            prompt_tokens=prompt.prompt_tokens - done_tokens,
-            completion_tokens=len(generated) + done_tokens,
-            text=continue_text + text.text,
-            first_token_s=first,
-            trimmed_messages=prompt.trimmed,
-            path=path,
-        )
+        return self._decode(prompt, budget, sampling, batchable, should_stop, consume)
 
     def _decode(
         self,
@@ -159,7 +123,7 @@ class ModelEngine:
         should_stop: Callable[[], bool],
         consume: Callable[[SingleStream | BatchStream], list[int]],
     ) -> tuple[list[int], DecodePath]:
-        """Decode on the path the load calls for; returns the generated ids and the path."""
+        """Alone, or in the batch (which the job alone may move into midway)."""
         with self._lock:
             if self._alone is not None:
                 self._alone.preempt()  # whoever came first moves into the batch

@@ -13,15 +13,21 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from PIL import Image
 
 from shared.protocol import ChatMessage, ImagePart, SamplingParams, TextPart
-from worker.engines.base import MIN_ANSWER_TOKENS, ImagesNotSupported, PromptTooLong
-from worker.loader import LoadedModel
+from worker.engines.base import (
+    MIN_ANSWER_TOKENS,
+    Continuation,
+    ImagesNotSupported,
+    PromptTooLong,
+)
+from worker.engines.detokenize import DeltaStreamer
+from worker.weights.loader import LoadedModel
 
 # End-of-turn markers of the chat formats we serve (Gemma, ChatML, Llama 3).
 _END_OF_TURN_TOKENS = ("<end_of_turn>", "<|im_end|>", "<|eot_id|>")
@@ -29,12 +35,13 @@ _END_OF_TURN_TOKENS = ("<end_of_turn>", "<|im_end|>", "<|eot_id|>")
 
 @dataclass
 class Prompt:
-    """An encoded prompt: the model inputs (ids, mask, pixel values), their length, and how
-    many old messages were dropped to fit the context."""
+    """An encoded prompt: the model inputs (ids, mask, pixel values), their length, how many
+    old messages were dropped to fit the context, and how many images it was given."""
 
     inputs: dict[str, Any]
     prompt_tokens: int
     trimmed: int
+    images: int = 0
 
     @property
     def ids(self) -> list[int]:
@@ -133,7 +140,7 @@ class Prompter:
                 trimmed += 1
         if n > limit:
             raise PromptTooLong(n, limit)
-        return Prompt(inputs=inputs, prompt_tokens=n, trimmed=trimmed)
+        return Prompt(inputs=inputs, prompt_tokens=n, trimmed=trimmed, images=len(images or {}))
 
     def budget(self, prompt: Prompt, max_new_tokens: int, *, open_ended: bool = False) -> int:
         """The answer's token budget: what was asked, cut to what the context has left (all
@@ -143,12 +150,24 @@ class Prompter:
 
     def continuation(
         self, messages: Sequence[ChatMessage], sampling: SamplingParams, continue_text: str
-    ) -> tuple[Sequence[ChatMessage], SamplingParams, int]:
+    ) -> Continuation:
         """For a handed-over job: the partial answer as a final assistant message (the chat
-        template continues it), the answer budget minus its tokens, and that token count."""
+        template continues it: it is prefilled), the answer budget minus its tokens, and that
+        token count."""
         if not continue_text:
-            return messages, sampling, 0
+            return Continuation(messages, sampling)
         done = len(self.loaded.tokenizer(continue_text, add_special_tokens=False)["input_ids"])
         partial = ChatMessage(role="assistant", content=[TextPart(text=continue_text)])
         left = max(1, sampling.max_new_tokens - done)
-        return [*messages, partial], sampling.model_copy(update={"max_new_tokens": left}), done
+        return Continuation(
+            [*messages, partial],
+            sampling.model_copy(update={"max_new_tokens": left}),
+            done_tokens=done,
+            prefilled=True,
+        )
+
+    def text_stream(
+        self, on_text: Callable[[str], None], stop_strings: Sequence[str]
+    ) -> DeltaStreamer:
+        """Ids to printable text deltas with this tokenizer, stop strings cut."""
+        return DeltaStreamer(self.tokenizer, on_text, tuple(stop_strings))

@@ -40,7 +40,6 @@ from collections.abc import Callable, Iterator
 from typing import Any, Literal, cast
 
 import torch
-import torch._inductor.config as inductor_config
 from transformers import CompileConfig, DynamicCache, StaticCache, StoppingCriteria
 from transformers import StoppingCriteriaList as _Criteria
 from transformers.generation.streamers import BaseStreamer
@@ -48,8 +47,8 @@ from transformers.generation.streamers import BaseStreamer
 from shared.protocol import SamplingParams
 from worker.engines.prompt import Prompter
 from worker.engines.turns import Turns
-from worker.loader import LoadedModel
-from worker.torch_env import FREEZING_VAR
+from worker.torch_env import FREEZING_VAR, inductor_freezing
+from worker.weights.loader import LoadedModel
 
 logger = logging.getLogger(__name__)
 
@@ -191,7 +190,7 @@ class SingleDecoder:
         elif self.compiled:
             # Inductor on a CPU, with freezing when the process turned it on before importing
             # torch (worker/torch_env.py): 1.3x over compiling without it.
-            if not inductor_config.freezing:
+            if not inductor_freezing():
                 logger.info("inductor freezing is off (%s unset): slower", FREEZING_VAR)
             self._compile_config = CompileConfig(mode="default", dynamic=not static)
             # Chunked prefill is the one way generate() runs the prompt through the compiled

@@ -2,12 +2,12 @@
 
 A job's thread hands each text delta to :meth:`TokenWriter.put` and goes back to decoding. The
 writer takes everything that is waiting, for all jobs, and sends it in one pipeline of fenced
-writes (``worker/events.py``'s script: the claim must still name this worker). When Redis keeps
-up, that is one delta per event, written right after its decoding step: a lone stream stays
-token by token. When it does not (a busy Redis, a link 200 ms away, a batch of many streams),
-the deltas a job produced during the last round trip go out as *one* token event carrying
-their joined text, up to ``max_deltas`` deltas per event (0: never joined, each delta its own
-event, still one round trip for all). The sequence number counts events, so a resume by
+writes (``worker/runtime/events.py``'s script: the claim must still name this worker). When
+Redis keeps up, that is one delta per event, written right after its decoding step: a lone
+stream stays token by token. When it does not (a busy Redis, a link 200 ms away, a batch of
+many streams), the deltas a job produced during the last round trip go out as *one* token event
+carrying their joined text, up to ``max_deltas`` deltas per event (0: never joined, each delta
+its own event, still one round trip for all). The sequence number counts events, so a resume by
 ``Last-Event-ID`` stays exact; usage (in the ``done`` event) counts tokens.
 
 A failed write is kept on the job's publisher and raised from its next call (``Fenced`` if the

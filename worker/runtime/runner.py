@@ -9,7 +9,7 @@ This is everything a Celery task does, without Celery, so it can be tested direc
   a ``queue_timeout`` error event instead of being generated.
 * **Background work gives way.** A background job runs only while no interactive job runs
   here (the worker stops reading the background queue meanwhile, see
-  :mod:`worker.celery_app`); one that is running when interactive work arrives pauses after
+  :mod:`worker.runtime.celery_app`); one that is running when interactive work arrives pauses after
   its current token — it leaves the engine, keeping its claim and its text — and continues
   from that text (the handover's continuation) once no interactive job runs here, or at its
   ``yields_until`` at the latest, so a steady interactive load cannot starve it. This is
@@ -46,17 +46,17 @@ from shared.protocol import (
     record_start,
 )
 from shared.registry import ModelEntry
-from worker.cancel import CancelWatcher
-from worker.conversation import ConversationWriter
 from worker.engines.base import (
     GenerationEngine,
     GenerationResult,
     ImagesNotSupported,
     PromptTooLong,
 )
-from worker.events import EventPublisher, Fenced
-from worker.lease import LeaseKeeper
-from worker.token_writer import TokenWriter
+from worker.runtime.cancel import CancelWatcher
+from worker.runtime.conversation import ConversationWriter
+from worker.runtime.events import EventPublisher, Fenced
+from worker.runtime.lease import LeaseKeeper
+from worker.runtime.token_writer import TokenWriter
 
 if TYPE_CHECKING:
     from redis.client import Pipeline
@@ -158,7 +158,7 @@ class JobRunner:
             job.job_id,
             ttl_s=self._config.job_ttl_s,
             start_seq=last_seq,
-            owner=self._config.worker_id,  # every write checks the claim (worker/events.py)
+            owner=self._config.worker_id,  # every write checks the claim (worker/runtime/events.py)
             writer=self._writer,
         )
         ref = job.conversation

@@ -6,10 +6,10 @@ log with the first and the terminal event (a TTL, never MAXLEN: trimming would b
 cursors), then ``PUBLISH`` on the live channel. Because the log is written before the
 publish, a reader that subscribes first and then reads the log can never miss an event.
 
-**Tokens go through the worker's writer** (:mod:`worker.token_writer`) when one is given: the
-job's thread hands over each delta and decodes on; one thread writes every job's waiting
-deltas in one pipelined round trip, joining a job's deltas into one event when Redis falls
-behind. The terminal event waits for the job's tokens to be written first.
+**Tokens go through the worker's writer** (:mod:`worker.runtime.token_writer`) when one is
+given: the job's thread hands over each delta and decodes on; one thread writes every job's
+waiting deltas in one pipelined round trip, joining a job's deltas into one event when Redis
+falls behind. The terminal event waits for the job's tokens to be written first.
 
 **Fenced by the claim** (``owner``): a token is written by one script that first checks that
 the job's claim still names this worker, and the terminal event's transaction runs under
@@ -29,7 +29,7 @@ from redis.exceptions import WatchError
 from shared.errors import ErrorCode, ErrorInfo
 from shared.keys import Keys
 from shared.protocol import DoneEvent, ErrorEvent, JobTiming, TokenEvent, Usage, encode_event
-from worker.token_writer import Outbox, TokenWriter
+from worker.runtime.token_writer import Outbox, TokenWriter
 
 if TYPE_CHECKING:
     from redis.client import Pipeline

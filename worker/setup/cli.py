@@ -1,10 +1,11 @@
 """``medgemma setup token|download|check``: get a worker machine ready, one step at a time.
 
 Replaces the seed's ``setup_hf_token.py`` and ``setup_medgemma.py``. Runs as the ``medgemma``
-console script or as ``python -m worker.cli``. Every check prints one line
+console script or as ``python -m worker.setup.cli``. Every check prints one line
 ``OK|WARN|FAIL  <what>  <detail>``; the exit status is 0 when nothing failed, 1 when something
 did (the line says what to do), 2 for a usage error. The Hugging Face token is never printed.
-The logic lives in :mod:`worker.setup_checks`.
+The steps live in :mod:`worker.setup.token`, :mod:`worker.setup.download` and
+:mod:`worker.setup.check`; they report through :class:`~worker.setup.report.Report`.
 """
 
 from __future__ import annotations
@@ -20,9 +21,10 @@ from pydantic import ValidationError
 
 from shared.registry import ModelEntry, Registry, RegistryError, load_registry
 from worker.settings import WorkerSettings
+from worker.setup.report import Check, Report, SetupError
 
 if TYPE_CHECKING:
-    from worker import setup_checks
+    from worker.setup.credentials import Token
 
 EXIT_OK, EXIT_PROBLEM, EXIT_USAGE = 0, 1, 2
 
@@ -42,8 +44,6 @@ exit status: 0 nothing failed, 1 a FAIL line says what to do, 2 usage error.
 
 
 def _print_line(line: object) -> None:
-    from worker.setup_checks import Check
-
     if isinstance(line, Check):
         print(f"{line.status:<4}  {line.what:<15}  {line.detail}", flush=True)
     else:
@@ -187,10 +187,10 @@ def _entry(args: argparse.Namespace, settings: WorkerSettings) -> tuple[ModelEnt
     return entry, registry
 
 
-def _token(report: setup_checks.Report, token_file: Path | None) -> setup_checks.Token:
-    from worker import setup_checks as sc
+def _token(report: Report, token_file: Path | None) -> Token:
+    from worker.setup.credentials import resolve_token
 
-    token = sc.resolve_token(token_file)
+    token = resolve_token(token_file)
     if token.value is not None:
         report.secrets.append(token.value)  # blanked out of every line from here on
     return token
@@ -220,21 +220,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _usage(str(exc))
 
     # Imported here: torch and huggingface_hub take a second or two, --help should not wait.
-    from worker import setup_checks as sc
+    from worker.setup.check import run_check
+    from worker.setup.download import run_download, run_from_dir
+    from worker.setup.token import run_token
 
-    report = sc.Report(sink=_print_line)
+    report = Report(sink=_print_line)
     try:
         if args.step == "token":
             token = _token(report, args.token_file)
-            sc.run_token(report, entry, token, token_file=args.token_file, timeout_s=args.timeout)
+            run_token(report, entry, token, token_file=args.token_file, timeout_s=args.timeout)
         elif args.step == "download":
             if args.from_dir is not None:
-                sc.run_from_dir(
+                run_from_dir(
                     report, entry, args.from_dir, dest_root=args.cache_dir, force=args.force
                 )
             else:
                 token = _token(report, args.token_file)
-                sc.run_download(
+                run_download(
                     report,
                     entry,
                     registry,
@@ -243,7 +245,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     revision=args.revision,
                 )
         else:
-            sc.run_check(
+            run_check(
                 report,
                 entry,
                 registry,
@@ -253,7 +255,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 cpu_quantization=settings.worker_cpu_quantization,
                 smoke_tokens=args.smoke_tokens,
             )
-    except sc.SetupError as exc:
+    except SetupError as exc:
         report.fail("setup", str(exc))
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -27,7 +27,7 @@ from pydantic import ValidationError
 
 from shared.celery_config import celery_options
 from shared.protocol import GENERATE_TASK, Job
-from worker.runner import JobRunner
+from worker.runtime.runner import JobRunner
 
 logger = logging.getLogger(__name__)
 
