@@ -36,7 +36,7 @@ import torch  # noqa: E402
 from shared.protocol import ChatMessage, SamplingParams, TextPart  # noqa: E402
 from shared.registry import ModelEntry, Registry, load_registry  # noqa: E402
 from worker.engines.factory import EngineOptions, build_engine  # noqa: E402
-from worker.loader import load_model  # noqa: E402
+from worker.weights.loader import load_model  # noqa: E402
 
 QUESTIONS = [
     "What are the symptoms of diabetes?",

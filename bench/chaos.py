@@ -83,7 +83,7 @@ from devstack.processes import (  # noqa: E402
 MODEL = "chaos-model"  # load-test engine, no image capability
 PREFIX = "mg"
 USERS = {"chaos-key-ann": "ann", "chaos-key-ben": "ben", "chaos-key-cy": "cy"}
-VERBOSITY_BUDGET = {0: 0.25, 1: 0.5, 2: 1.0, 3: 2.0}  # gateway/medgemma/serving.py
+VERBOSITY_BUDGET = {0: 0.25, 1: 0.5, 2: 1.0, 3: 2.0}  # gateway/api/medgemma/serving.py
 CONTEXT_LENGTH = 4096
 STOP_S = 7.0  # SIGSTOP lasts longer than the lease (3 s) and the heartbeat TTL (5 s)
 REQUEST_DEADLINE_S = 150.0  # an accepted request that has not ended by then hangs

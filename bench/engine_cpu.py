@@ -89,19 +89,19 @@ def _child(args: argparse.Namespace) -> dict[str, Any]:
 
     if args.child == "8bit-bnb-t0":
         # Not a registry option: the loader's bitsandbytes config with the threshold at 0.
-        import worker.loader
-        from worker.quantization import quantization_config
+        import worker.weights.loader
+        from worker.weights.quantization import quantization_config
 
         def threshold_zero(plan: Any) -> Any:
             config = quantization_config(plan)
             config.llm_int8_threshold = 0.0
             return config
 
-        worker.loader.quantization_config = threshold_zero  # type: ignore[attr-defined]
+        worker.weights.loader.quantization_config = threshold_zero  # type: ignore[attr-defined]
 
     from shared.protocol import ChatMessage, SamplingParams, TextPart
     from worker.engines.factory import EngineOptions, build_engine
-    from worker.loader import load_model
+    from worker.weights.loader import load_model
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -224,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.child:
         print(json.dumps(_child(args)))
         return 0
-    from bench.serve import machine_info
+    from bench.spawn import machine_info
 
     tiny = None
     if args.model == "tiny":

@@ -5,7 +5,7 @@ One script, one JSON, one table, under a time budget (device time is scarce)::
     python bench/gpu_suite.py --out artifacts/gpu_suite.json            # on the GPU machine
     python bench/gpu_suite.py --smoke --out /tmp/gpu_suite_smoke.json   # CPU, toy size
 
-For each quantization it loads the model with the worker's loader (:func:`worker.loader.
+For each quantization it loads the model with the worker's loader (:func:`worker.weights.loader.
 load_model`, so 8-bit is what ``quantization: "8bit"`` really gives), builds the worker's engine
 (:func:`worker.engines.factory.build_engine`, compile on, batch slots = the largest concurrency),
 runs its warm-up, and measures:
@@ -142,7 +142,7 @@ def measure(name: str, folder: Path, args: argparse.Namespace, budget: Budget) -
     from shared.protocol import SamplingParams
     from shared.registry import ModelEntry, Registry
     from worker.engines.factory import EngineOptions, build_engine
-    from worker.loader import load_model
+    from worker.weights.loader import load_model
 
     out: dict[str, Any] = {"config": name}
     serving = {
@@ -267,10 +267,10 @@ def stack_overhead(folder: Path, args: argparse.Namespace, workdir: Path) -> dic
 
 
 def environment(device: str) -> dict[str, Any]:
-    """bench/serve.py's machine record, plus the device and the quantization libraries."""
+    """bench/spawn.py's machine record, plus the device and the quantization libraries."""
     import torch
 
-    from bench.serve import machine_info
+    from bench.spawn import machine_info
 
     env: dict[str, Any] = {**machine_info(), "device": device}
     for pkg in ("torchao", "bitsandbytes"):

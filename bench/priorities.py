@@ -1,7 +1,7 @@
 """Does background work delay a clinician? Interactive time to first token, with and without a
 flood of background requests on one worker.
 
-Spawns the stack (Redis, one worker, the gateway; ``bench/serve.py``'s ``SpawnedStack``) and
+Spawns the stack (Redis, one worker, the gateway; ``bench/spawn.py``'s ``SpawnedStack``) and
 runs three phases on it, one after the other, with the same interactive probe: one clinician
 asking a short question, waiting for the whole answer, then asking the next.
 
@@ -35,16 +35,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run as a script: make the project's packages importable
     sys.path.insert(0, str(ROOT))
 
-from bench.serve import (  # noqa: E402
-    DEFAULT_SPAWN_KEY,
-    SpawnedStack,
-    _workdir,
-    describe,
-    machine_info,
-    resolve_model,
-    source_info,
-    stream_openai,
-)
+from bench import clients, entries, spawn, stats, workload  # noqa: E402
 
 QUESTION = "What are the first steps in treating a patient with suspected sepsis?"
 FLOOD_TEXT = (
@@ -53,22 +44,16 @@ FLOOD_TEXT = (
 )
 
 
-def _body(model: str, text: str, max_tokens: int) -> dict[str, Any]:
-    return {
-        "model": model,
-        "messages": [{"role": "user", "content": text}],
-        "max_tokens": max_tokens,
-        "temperature": 0,
-        "stream": True,
-        "stream_options": {"include_usage": True},
-    }
-
-
 async def _flood_client(
     client: httpx.AsyncClient, model: str, tokens: int, stop: asyncio.Event, done: list[float]
 ) -> None:
     while not stop.is_set():
-        res = await stream_openai(client, _body(model, FLOOD_TEXT, tokens), 0, time.perf_counter())
+        res = await clients.stream_openai(
+            client,
+            workload.openai_body(model, FLOOD_TEXT, max_tokens=tokens),
+            0,
+            time.perf_counter(),
+        )
         if res.ok:
             done.append(time.perf_counter())
         else:
@@ -98,8 +83,11 @@ async def phase(
         errors = 0
         started = time.perf_counter()
         for i in range(args.warmup + args.probes):
-            res = await stream_openai(
-                client, _body(model, QUESTION, args.probe_tokens), i, time.perf_counter()
+            res = await clients.stream_openai(
+                client,
+                workload.openai_body(model, QUESTION, max_tokens=args.probe_tokens),
+                i,
+                time.perf_counter(),
             )
             if i >= args.warmup:
                 if res.ok and res.ttft_s is not None:
@@ -115,7 +103,7 @@ async def phase(
             with contextlib.suppress(asyncio.CancelledError):
                 await task
     return {
-        "ttft_ms": describe(ttfts, 1000.0),
+        "ttft_ms": stats.describe(ttfts, 1000.0),
         "probe_errors": errors,
         "flood_answers_finished": sum(1 for t in flood_done if t >= started),
         "duration_s": round(elapsed, 1),
@@ -138,30 +126,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ready-timeout", type=float, default=300.0)
     p.add_argument("--keep-workdir", action="store_true")
     p.add_argument("--out", type=Path, default=None)
-    args = p.parse_args(argv)
-    # What SpawnedStack and resolve_model read from bench/serve.py's arguments.
-    args.api_key = DEFAULT_SPAWN_KEY
-    args.workers = 1
-    args.worker_batch_tokens = None
-    args.worker_env = []
-    args.max_tokens = None
-    args.models_file = str(ROOT / "models.json")
-    args.dtype, args.context_length = "float32", 2048  # (an entry made for a folder)
-    args.loadtest_tokens_per_s, args.loadtest_first_token_ms = 50.0, 0.0
-    return args
+    # The other options SpawnedStack and resolve_model read: bench/serve.py's defaults.
+    return spawn.with_stack_defaults(p.parse_args(argv))
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     report: dict[str, Any] = {
-        "machine": machine_info(),
-        "source": source_info(),
+        "machine": spawn.machine_info(),
+        "source": spawn.source_info(),
         "args": {k: str(v) for k, v in vars(args).items()},
         "phases": {},
     }
-    with _workdir(args.keep_workdir) as workdir:
-        registry, model = resolve_model(args.spawn_stack, args, workdir)
-        stack = SpawnedStack(registry, model, workdir, args)
+    with spawn.temp_workdir(args.keep_workdir) as workdir:
+        registry, model = entries.resolve_model(args.spawn_stack, args, workdir)
+        stack = spawn.SpawnedStack(registry, model, workdir, args)
         try:
             phases = {
                 "alone": None,

