@@ -9,8 +9,8 @@ import sys
 import uvicorn
 
 from gateway.app import create_app
-from gateway.auth import KeyConfigError
-from gateway.settings import GatewaySettings
+from gateway.core.settings import GatewaySettings
+from gateway.services.apikeys import KeyConfigError
 from shared.logs import configure_logging
 from shared.redis_url import credentials_refused
 from shared.registry import RegistryError

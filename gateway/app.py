@@ -16,28 +16,29 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from gateway.audit import AuditLog
-from gateway.auditing import AuditMiddleware
-from gateway.auth import KeyStore
-from gateway.chat import ChatService
-from gateway.conversations import ConversationStore
-from gateway.errors import APIError, install_error_handlers
-from gateway.giveback import GiveBack
-from gateway.jobs import JobService
-from gateway.medgemma.router import router as medgemma_router
-from gateway.metrics import Metrics
-from gateway.openai_api.router import router as openai_router
-from gateway.queueing import QueueBook
-from gateway.ratelimit import RateLimiter
-from gateway.relay import Relay
-from gateway.routes.conversations import router as conversations_router
-from gateway.routes.health import router as health_router
-from gateway.routes.jobs import router as jobs_router
-from gateway.routes.metrics import router as metrics_router
-from gateway.routes.models import router as models_router
-from gateway.routes.page import router as page_router
-from gateway.settings import GatewaySettings
-from gateway.state import AppState
+from gateway.api.auditing import AuditMiddleware
+from gateway.api.errors import error_response, install_error_handlers
+from gateway.api.medgemma.router import router as medgemma_router
+from gateway.api.openai.router import router as openai_router
+from gateway.api.routes.conversations import router as conversations_router
+from gateway.api.routes.health import router as health_router
+from gateway.api.routes.jobs import router as jobs_router
+from gateway.api.routes.metrics import router as metrics_router
+from gateway.api.routes.models import router as models_router
+from gateway.api.routes.page import router as page_router
+from gateway.core.errors import APIError
+from gateway.core.settings import GatewaySettings
+from gateway.services.apikeys import KeyStore
+from gateway.services.audit import AuditLog
+from gateway.services.conversations import ConversationStore
+from gateway.services.giveback import GiveBack
+from gateway.services.jobs import JobService
+from gateway.services.metrics import Metrics
+from gateway.services.queue_book import QueueBook
+from gateway.services.ratelimit import RateLimiter
+from gateway.services.relay import Relay
+from gateway.services.state import AppState
+from gateway.services.turns import TurnService
 from shared.celery_config import celery_options
 from shared.errors import ErrorCode
 from shared.keys import Keys
@@ -58,8 +59,6 @@ class BodyLimit:
         if scope["type"] == "http":
             length = dict(scope["headers"]).get(b"content-length")
             if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
-                from gateway.errors import error_response
-
                 err = APIError(
                     413,
                     ErrorCode.BODY_TOO_LARGE,
@@ -113,14 +112,14 @@ def create_app(settings: GatewaySettings) -> FastAPI:
             book=QueueBook(redis, keys, queue_timeout_s=settings.gateway_queue_timeout_s),
             outage_s=settings.gateway_redis_outage_s,
         )
-        chat = ChatService(
+        turns = TurnService(
             jobs,
             conversations,
             queue_timeout_s=settings.gateway_queue_timeout_s,
             max_generation_s=settings.gateway_max_generation_s,
             max_images=settings.gateway_max_images,
             turn_ttl_s=settings.turn_ttl_s,
-            background_max_wait_s=settings.gateway_background_max_wait_s,
+            background_max_wait_s=settings.background_max_wait_s,
             give_back=give_back,
         )
         app.state.gateway = AppState(
@@ -130,7 +129,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
             redis=redis,
             relay=relay,
             celery=celery,
-            chat=chat,
+            turns=turns,
             api_keys=api_keys,
             limiter=RateLimiter(
                 redis,

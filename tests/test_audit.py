@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.audit import AuditLog, AuditRecord, prompt_digest
+from gateway.services.audit import AuditLog, AuditRecord, prompt_digest
 
 FIELDS = [
     "ts",

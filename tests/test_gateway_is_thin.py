@@ -13,7 +13,7 @@ PROBE = """
 import sys
 from fastapi.testclient import TestClient
 from gateway.app import create_app
-from gateway.settings import GatewaySettings
+from gateway.core.settings import GatewaySettings
 app = create_app(GatewaySettings(gateway_env="development"))
 TestClient(app).get("/healthz")
 ml = ("torch", "transformers", "bitsandbytes", "accelerate")

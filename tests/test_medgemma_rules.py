@@ -1,4 +1,5 @@
-"""gateway.medgemma: what POST /medgemma refuses, and how the seed's controls become sampling."""
+"""gateway.api.medgemma: what POST /medgemma refuses, and how the seed's controls become
+sampling."""
 
 from __future__ import annotations
 
@@ -10,9 +11,9 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from gateway.errors import APIError
-from gateway.medgemma.protocol import MedGemmaRequest
-from gateway.medgemma.serving import check_request, sampling_for
+from gateway.api.medgemma.protocol import MedGemmaRequest
+from gateway.api.medgemma.serving import check_request, sampling_for
+from gateway.core.errors import APIError
 from shared.errors import ErrorCode
 from shared.registry import ModelEntry
 

@@ -14,8 +14,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from redis import Redis
 
 from gateway import cli
-from gateway.audit import AuditRecord
-from gateway.metrics import Metrics, is_failure
+from gateway.services.audit import AuditRecord
+from gateway.services.metrics import Metrics, is_failure
 from shared.errors import ErrorInfo
 from shared.protocol import DoneEvent, ErrorEvent, QueuedEvent, TokenEvent, Usage
 from tests.stack import ADMIN_KEY, USER_KEY, Stack, ask, sse_events

@@ -27,7 +27,7 @@ import httpx
 import pytest
 import redis
 
-from gateway.auth import KeyConfigError, KeyStore
+from gateway.services.apikeys import KeyConfigError, KeyStore
 from shared.keys import Keys
 from shared.protocol import JobMeta
 from tests.stack import (

@@ -12,7 +12,7 @@ import fakeredis
 import pytest
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from gateway.ratelimit import RateLimited, RateLimiter
+from gateway.services.ratelimit import RateLimited, RateLimiter
 from shared.keys import owner_tag
 
 T = TypeVar("T")

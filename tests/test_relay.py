@@ -12,11 +12,11 @@ from redis import Redis
 from redis.asyncio import Redis as AsyncRedis
 
 from devstack.processes import Proc, free_port, start_redis
-from gateway import relay as relay_module
-from gateway.relay import Relay
+from gateway.services import relay as relay_module
+from gateway.services.relay import Relay
 from shared.keys import Keys
 from shared.protocol import Usage
-from worker.events import EventPublisher
+from worker.runtime.events import EventPublisher
 
 pytestmark = pytest.mark.integration
 KEYS = Keys("t")

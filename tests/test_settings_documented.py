@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from gateway.auth import KeyConfigError, KeyStore
-from gateway.settings import GatewaySettings
+from gateway.core.settings import GatewaySettings
+from gateway.services.apikeys import KeyConfigError, KeyStore
 from worker.settings import WorkerSettings
 
 ENV_EXAMPLE = Path(__file__).resolve().parent.parent / ".env.example"

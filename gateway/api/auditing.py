@@ -1,8 +1,8 @@
 """Writes one audit record per request, after its response (or its stream) has ended.
 
-Routes and dependencies fill a :class:`AuditInfo` on ``request.state`` (who, which model,
-conversation and job, the prompt's digest); the stream fills in the outcome and token counts
-when the terminal event passes. The ASGI middleware writes the record once the app has
+Each request gets one :class:`~gateway.services.audit.AuditInfo` on ``request.state``; who
+asked (the key dependency), which job (the turn or the job route) and how it ended (the
+stream) are set through its methods. The ASGI middleware writes the record once the app has
 finished with the request, so a streamed answer is recorded with its real outcome, and a
 client that left is recorded as such. Health, readiness and metrics are not audited. An
 optional ``observe`` callback (the Prometheus metrics) gets each record once it is written.
@@ -12,13 +12,11 @@ from __future__ import annotations
 
 import logging
 import re
-import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from gateway.audit import AuditLog, AuditRecord
+from gateway.services.audit import AuditInfo, AuditLog, AuditRecord
 
 logger = logging.getLogger(__name__)
 
@@ -34,23 +32,6 @@ _ACTIONS: list[tuple[str, re.Pattern[str], str]] = [
     ("GET", re.compile(r"^/jobs/[^/]+/events$"), "job.resume"),
     ("GET", re.compile(r"^/admin/fleet$"), "admin.fleet"),
 ]
-
-
-@dataclass
-class AuditInfo:
-    """Filled in while the request is served; read when it is written."""
-
-    user_id: str = "-"
-    role: str = "-"
-    service: str | None = None  # the service key that named the end user, if one did
-    model: str | None = None
-    conversation_id: str | None = None
-    job_id: str | None = None
-    prompt_sha256: str | None = None
-    outcome: str | None = None
-    prompt_tokens: int | None = None
-    completion_tokens: int | None = None
-    started: float = field(default_factory=time.monotonic)  # arrival, for time to first token
 
 
 def audit_info(state: object) -> AuditInfo:

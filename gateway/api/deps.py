@@ -13,11 +13,12 @@ from typing import Annotated
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from gateway.auditing import AuditInfo, audit_info
-from gateway.auth import END_USER_PATTERN, Principal
-from gateway.errors import APIError
-from gateway.ratelimit import Slot
-from gateway.state import AppState
+from gateway.api.auditing import audit_info
+from gateway.core.errors import APIError
+from gateway.services.apikeys import END_USER_PATTERN, Principal
+from gateway.services.audit import AuditInfo
+from gateway.services.ratelimit import Slot
+from gateway.services.state import AppState
 from shared.errors import ErrorCode
 from shared.protocol import Priority
 from shared.registry import ModelEntry
@@ -70,8 +71,7 @@ def name_end_user(principal: Principal, end_user: str, *, param: str) -> Princip
 
 
 def note_principal(request: Request, principal: Principal) -> None:
-    info = audit_info(request.state)
-    info.user_id, info.role, info.service = principal.user_id, principal.role, principal.service
+    audit_info(request.state).who(principal.user_id, principal.role, principal.service)
 
 
 PrincipalDep = Annotated[Principal, Depends(get_principal)]
@@ -93,7 +93,7 @@ def admission(
 
     Counted in Redis, so the limits hold across gateway processes. Over a limit: 429 with a
     Retry-After computed from the window."""
-    # One round trip for both limits; RateLimited becomes a 429 (gateway/errors.py).
+    # One round trip for both limits; RateLimited becomes a 429 (gateway/core/errors.py).
     return state.limiter.admitted(principal.user_id, stream=stream)
 
 

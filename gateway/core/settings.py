@@ -7,8 +7,10 @@ from typing import Literal
 
 from pydantic import Field, SecretStr, model_validator
 
-from gateway.images import ImageLimits
+from gateway.core.types import ImageLimits
 from shared.settings import CommonSettings
+
+DEFAULT_BACKGROUND_MAX_WAIT_S = 30.0
 
 
 class GatewaySettings(CommonSettings):
@@ -84,14 +86,15 @@ class GatewaySettings(CommonSettings):
         "a job that fails at once gets an HTTP error status rather than a 200 stream.",
     )
     gateway_ping_s: float = Field(default=15.0, gt=0, description="SSE keep-alive interval.")
-    gateway_background_max_wait_s: float = Field(
-        default=30.0,
+    gateway_background_max_wait_s: float | None = Field(
+        default=None,
         gt=0,
         description="How long background work (priority background, a model@background "
         "alias, OpenAI service_tier flex, or a key whose default is background) gives way to "
         "interactive work: it waits behind it in line and pauses in the worker while "
         "interactive work runs there, for at most this long after it was sent; then it runs "
-        "like interactive work, so nothing starves. Must be below GATEWAY_IDLE_TIMEOUT_S.",
+        "like interactive work, so nothing starves. Must be below GATEWAY_IDLE_TIMEOUT_S "
+        "(a pause is silence); default 30 s, or half the idle timeout if that is less.",
     )
     gateway_redis_max_connections: int = Field(
         default=64,
@@ -135,9 +138,15 @@ class GatewaySettings(CommonSettings):
     )
     gateway_log_level: str = Field(default="INFO", description="Python log level.")
 
+    @property
+    def background_max_wait_s(self) -> float:
+        if self.gateway_background_max_wait_s is not None:
+            return self.gateway_background_max_wait_s
+        return min(DEFAULT_BACKGROUND_MAX_WAIT_S, self.gateway_idle_timeout_s / 2)
+
     @model_validator(mode="after")
     def _pauses_fit_the_idle_timeout(self) -> GatewaySettings:
-        if self.gateway_background_max_wait_s >= self.gateway_idle_timeout_s:
+        if self.background_max_wait_s >= self.gateway_idle_timeout_s:
             raise ValueError(
                 "GATEWAY_BACKGROUND_MAX_WAIT_S must be below GATEWAY_IDLE_TIMEOUT_S: a paused "
                 "background job would otherwise be ended as silent"

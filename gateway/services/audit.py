@@ -23,6 +23,7 @@ import json
 import os
 import sys
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
@@ -62,6 +63,51 @@ class AuditRecord:
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), ensure_ascii=False, separators=(",", ":"))
+
+
+@dataclass
+class AuditInfo:
+    """One request's audit record while it is served, written once by the audit middleware
+    (:mod:`gateway.api.auditing`) after the response. Set through its three methods only:
+    who asked, which job, and how it ended."""
+
+    user_id: str = "-"
+    role: str = "-"
+    service: str | None = None  # the service key that named the end user, if one did
+    model: str | None = None
+    conversation_id: str | None = None
+    job_id: str | None = None
+    prompt_sha256: str | None = None
+    outcome: str | None = None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    started: float = field(default_factory=time.monotonic)  # arrival, for time to first token
+
+    def who(self, user_id: str, role: str, service: str | None) -> None:
+        self.user_id, self.role, self.service = user_id, role, service
+
+    def job(
+        self,
+        job_id: str,
+        *,
+        model: str | None = None,
+        conversation_id: str | None = None,
+        prompt_sha256: str | None = None,
+    ) -> None:
+        self.job_id, self.model, self.conversation_id = job_id, model, conversation_id
+        self.prompt_sha256 = prompt_sha256
+
+    def ended(
+        self,
+        outcome: str,
+        *,
+        prompt_tokens: int | None = None,
+        completion_tokens: int | None = None,
+    ) -> None:
+        """``ok``, ``cancelled``, ``client_left`` or ``error:<code>``."""
+        self.outcome = outcome
+        if prompt_tokens is not None:
+            self.prompt_tokens, self.completion_tokens = prompt_tokens, completion_tokens
 
 
 class AuditLog:

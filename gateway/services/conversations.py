@@ -4,7 +4,7 @@ Keys are built from a hash of the owner's user id (see :mod:`shared.keys`), so o
 never address another's conversation: for anyone else it simply does not exist (404). A turn
 holds ``...:lock`` (value: its job id) from enqueue until the worker stores the answer, so two
 concurrent turns on one conversation cannot interleave; the second gets 409. Workers append
-finished turns (see ``worker/conversation.py``); the gateway reads, lists and deletes.
+finished turns (see ``worker/runtime/conversation.py``); the gateway reads, lists and deletes.
 """
 
 from __future__ import annotations

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pydantic import ValidationError
 from redis.asyncio import Redis
 
-from gateway.queueing import QueueBook
+from gateway.services.queue_book import QueueBook
 from shared.keys import Keys
 from shared.protocol import PRIORITIES, WorkerHeartbeat, celery_queue
 from shared.registry import Registry
@@ -77,7 +77,7 @@ async def read_fleet(
             pipe.llen(name)
     replies = await pipe.execute()
     out: list[ModelFleet] = []
-    width = 2 + len(PRIORITY_LISTS)  # the zset read, then the queue's lists
+    width = 1 + len(celery_lists(""))  # the zset read, then the queue's lists
     for i, entry in enumerate(models):
         ids = [str(x) for x in replies[i * width]]
         lengths = replies[i * width + 1 : (i + 1) * width]

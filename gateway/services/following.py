@@ -1,10 +1,12 @@
-"""A job's events, answered either as an SSE stream or as one collected result.
+"""Following one job: its events as they come (for an SSE stream, :mod:`gateway.api.answer`)
+or collected into one result.
 
 Both front doors (and the resume route) use :class:`JobStream`. When streaming, the
 subscription outlives the route function: it is closed when the stream ends, and also by the
 response's background task if the client left before the stream started, so no subscription
 is leaked. A client that leaves before the terminal event marks the job abandoned: unless a
-client resumes it within the grace window, the job is cancelled and the GPU freed.
+client resumes it within the grace window, the job is cancelled and the GPU freed. The audit
+record learns the job and how it ended here.
 """
 
 from __future__ import annotations
@@ -12,40 +14,28 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import anyio
 from redis.exceptions import RedisError
-from sse_starlette import EventSourceResponse, ServerSentEvent
-from sse_starlette.sse import AppStatus
-from starlette.background import BackgroundTask
 
-from gateway.audit import prompt_digest
-from gateway.auditing import AuditInfo
-from gateway.chat import ChatService
-from gateway.errors import ClientLeft
-from gateway.jobs import JobService
-from gateway.metrics import StreamTimer
-from gateway.ratelimit import Slot
-from gateway.relay import StreamInterrupted, Subscription
-from gateway.supervision import Interrupted, Relayed, StreamEvent
+from gateway.core.errors import ClientLeft
+from gateway.services.audit import AuditInfo, prompt_digest
+from gateway.services.jobs import JobService
+from gateway.services.metrics import StreamTimer
+from gateway.services.ratelimit import Slot
+from gateway.services.relay import StreamInterrupted, Subscription
+from gateway.services.supervision import Interrupted, StreamEvent
+from gateway.services.turns import TurnRequest, TurnService
 from shared.errors import ErrorCode, ErrorInfo
 from shared.protocol import TERMINAL_TYPES, DoneEvent, ErrorEvent, Job, TokenEvent
 
-Frames = Callable[[Relayed], Iterable[ServerSentEvent]]
-SHUTDOWN_GRACE_S = 2.0  # below uvicorn's graceful-shutdown timeout (gateway/__main__.py)
-SHUTDOWN_POLL_S = 0.5
+#: Waits until something happens (the client hangs up, the gateway shuts down).
+Waiter = Callable[[], Awaitable[None]]
 
 
-async def _shutdown_started() -> None:
-    """Returns once uvicorn has been told to shut down (sse-starlette's flag, which it sets
-    from uvicorn's signal handler)."""
-    while not AppStatus.should_exit:  # noqa: ASYNC110 - a flag set by a signal handler
-        await asyncio.sleep(SHUTDOWN_POLL_S)
-
-
-def _shutdown_info(job_id: str) -> ErrorInfo:
+def shutdown_info(job_id: str) -> ErrorInfo:
+    """The error a stream ends with when the gateway shuts down under it."""
     return ErrorInfo(
         message="The gateway is restarting. The answer goes on: resume it with "
         f"GET /jobs/{job_id}/events and the Last-Event-ID you received.",
@@ -88,35 +78,37 @@ class JobStream:
     @classmethod
     async def start_turn(
         cls,
-        chat: ChatService,
+        turns: TurnService,
+        request: TurnRequest,
         *,
         slot: Slot,
         audit: AuditInfo,
         observer: StreamTimer | None = None,
-        **start: Any,
     ) -> JobStream:
-        """Submit a new turn (see :meth:`ChatService.start`) and follow it. ``slot`` (the
+        """Submit a new turn (see :meth:`TurnService.start`) and follow it. ``slot`` (the
         admission's stream slot) is handed to the stream, released when it ends, and also
         carried by the job, whose terminal step releases it first."""
         stack = contextlib.AsyncExitStack()
         try:
             await stack.enter_async_context(slot.hand_over())
-            turn = await stack.enter_async_context(chat.start(slot=slot.ref, **start))
+            turn = await stack.enter_async_context(turns.start(request, slot=slot.ref))
         except BaseException:
             await stack.aclose()
             raise
         if observer is not None:
             observer.submitted(time.monotonic())
-        audit.job_id = turn.job.job_id
-        audit.model = turn.job.model
-        audit.conversation_id = turn.conversation_id
-        audit.prompt_sha256 = prompt_digest([turn.job.messages[-1].text])
+        audit.job(
+            turn.job.job_id,
+            model=turn.job.model,
+            conversation_id=turn.conversation_id,
+            prompt_sha256=prompt_digest([turn.job.messages[-1].text]),
+        )
         return cls(
-            chat.jobs,
+            turns.jobs,
             turn.job.job_id,
             turn.sub,
             stack,
-            first_timeout_s=chat.jobs.first_timeout(turn.job),
+            first_timeout_s=turns.jobs.first_timeout(turn.job),
             job=turn.job,
             audit=audit,
             observer=observer,
@@ -157,15 +149,16 @@ class JobStream:
         client hung up, even before the first byte of the response) leaves its job
         abandoned: cancelled unless a client resumes it within the grace."""
         if not self._ended:
-            self._client_left()
+            self.client_left()
         await self._stack.aclose()
 
-    def _client_left(self) -> None:
+    def client_left(self) -> None:
+        """The client left before the terminal event: abandon the job (see the module)."""
         if self._ended or self._left:
             return
         self._left = True
         if self._audit is not None:
-            self._audit.outcome = "client_left"
+            self._audit.ended("client_left")
         self._jobs.abandoned(self.job_id, grace_s=self.resume_grace_s)
 
     def _events(self) -> AsyncIterator[StreamEvent]:
@@ -203,11 +196,13 @@ class JobStream:
         if self._audit is None:
             return
         if isinstance(event, DoneEvent):
-            self._audit.outcome = "ok" if event.finish_reason != "cancelled" else "cancelled"
-            self._audit.prompt_tokens = event.usage.prompt_tokens
-            self._audit.completion_tokens = event.usage.completion_tokens
+            self._audit.ended(
+                "ok" if event.finish_reason != "cancelled" else "cancelled",
+                prompt_tokens=event.usage.prompt_tokens,
+                completion_tokens=event.usage.completion_tokens,
+            )
         elif isinstance(event, ErrorEvent | Interrupted):
-            self._audit.outcome = f"error:{event.error.code}"
+            self._audit.ended(f"error:{event.error.code}")
 
     async def _all(self) -> AsyncIterator[StreamEvent]:
         if self._first is not None:
@@ -218,63 +213,21 @@ class JobStream:
             self._note(event)
             yield event
 
-    def sse(
-        self,
-        frames: Frames,
-        *,
-        headers: dict[str, str],
-        ping_s: float,
-        first: Iterable[ServerSentEvent] = (),
-        last: Iterable[ServerSentEvent] = (),
-        farewell: Callable[[ErrorInfo], Iterable[ServerSentEvent]] = lambda _: (),
-    ) -> EventSourceResponse:
-        """``farewell`` formats the error sent when the gateway shuts down mid-stream (no
-        event id: the client resumes after the last real one, on another gateway)."""
-        bye = anyio.Event()  # set by sse-starlette when uvicorn starts shutting down
+    def watching(self) -> contextlib.AbstractAsyncContextManager[None]:
+        """Count this stream as one that follows the job (abandonment detection)."""
+        return self._jobs.watching(self.job_id)
 
-        async def stream() -> AsyncIterator[ServerSentEvent]:
-            finished = False
-            try:
-                if self._observer is not None:
-                    self._observer.opened()
-                async with self._jobs.watching(self.job_id):
-                    for frame in first:
-                        yield frame
-                    async for event in self._until(bye):
-                        if event is None:
-                            for frame in farewell(_shutdown_info(self.job_id)):
-                                yield frame
-                            return
-                        if isinstance(event, Interrupted):  # not logged: no event id
-                            finished = True
-                            for frame in farewell(event.error):
-                                yield frame
-                            return
-                        finished = event.type in TERMINAL_TYPES
-                        for frame in frames(event):
-                            yield frame
-                    for frame in last:
-                        yield frame
-            finally:
-                if self._first is not None and not self._first.done():
-                    self._first.cancel()
-                if not finished:
-                    self._client_left()
-                if self._observer is not None:
-                    self._observer.closed()
-                await self.close()
+    @property
+    def observer(self) -> StreamTimer | None:
+        return self._observer
 
-        return EventSourceResponse(
-            stream(),
-            ping=ping_s,
-            headers=headers,
-            background=BackgroundTask(self.close),
-            shutdown_event=bye,
-            shutdown_grace_period=SHUTDOWN_GRACE_S,
-        )
+    def stop_waiting(self) -> None:
+        """Drop the first event awaited by :meth:`early_error` if it has not come."""
+        if self._first is not None and not self._first.done():
+            self._first.cancel()
 
-    async def _until(self, bye: anyio.Event) -> AsyncIterator[StreamEvent | None]:
-        """The events, or None once the gateway starts shutting down.
+    async def events_until(self, bye: anyio.Event) -> AsyncIterator[StreamEvent | None]:
+        """The events, or None once ``bye`` is set (the gateway is shutting down).
 
         Shutdown interrupts the subscription (the relay then raises at its next step), so
         relaying an event costs no task or wait set of its own."""
@@ -293,7 +246,7 @@ class JobStream:
             stop.cancel()
 
     async def collect(
-        self, client_gone: Callable[[], Awaitable[None]] | None = None
+        self, client_gone: Waiter | None = None, shutdown: Waiter | None = None
     ) -> tuple[str, DoneEvent | ErrorInfo]:
         """Wait for the whole answer: its text and the terminal event.
 
@@ -301,12 +254,12 @@ class JobStream:
         like a stream whose client left (cancelled unless resumed within the grace) and
         :class:`ClientLeft` is raised (the handler's answer would reach no one).
 
-        If the gateway starts shutting down first, the job is cancelled and the answer is a
-        ``gateway_shutdown`` error (503, retry): uvicorn would otherwise cut the request after
-        its graceful timeout with a bare 500."""
+        If the gateway starts shutting down first (``shutdown`` returns), the job is cancelled
+        and the answer is a ``gateway_shutdown`` error (503, retry): uvicorn would otherwise cut
+        the request after its graceful timeout with a bare 500."""
         answer = asyncio.ensure_future(self._collect())
         gone = asyncio.ensure_future(client_gone() if client_gone else asyncio.Event().wait())
-        bye = asyncio.ensure_future(_shutdown_started())
+        bye = asyncio.ensure_future(shutdown() if shutdown else asyncio.Event().wait())
         try:
             await asyncio.wait({answer, gone, bye}, return_when=asyncio.FIRST_COMPLETED)
             if answer.done():
@@ -324,9 +277,9 @@ class JobStream:
                     code=ErrorCode.GATEWAY_SHUTDOWN.value,
                 )
                 if self._audit is not None:
-                    self._audit.outcome = f"error:{info.code}"
+                    self._audit.ended(f"error:{info.code}")
                 return "", info
-            self._client_left()
+            self.client_left()
             answer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await answer

@@ -20,7 +20,8 @@ from typing import Literal
 import anyio
 from PIL import Image, UnidentifiedImageError
 
-from gateway.errors import APIError
+from gateway.core.errors import APIError
+from gateway.core.types import ImageLimits
 from shared.errors import ErrorCode
 
 _DATA_URL = re.compile(
@@ -41,12 +42,6 @@ class RawImage:
     @property
     def sha256(self) -> str:
         return hashlib.sha256(self.data).hexdigest()
-
-
-@dataclass(frozen=True)
-class ImageLimits:
-    max_bytes: int
-    max_pixels: int
 
 
 def _bad(code: ErrorCode, param: str, message: str) -> APIError:

@@ -3,7 +3,7 @@
 ``submit`` checks that a live worker serves the model (heartbeats; 503 at once if none),
 subscribes to the job's channel, and only then sends the Celery task by name to the model's
 queue — the gateway never imports the worker. ``follow`` yields the job's events while
-:mod:`gateway.supervision` makes sure no client waits forever (deadlines, handover, fenced
+:mod:`gateway.services.supervision` makes sure no client waits forever (deadlines, handover, fenced
 ends).
 """
 
@@ -22,11 +22,11 @@ from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
 from redis.exceptions import RedisError, WatchError
 
-from gateway.errors import APIError
-from gateway.images import RawImage
-from gateway.queueing import QueueBook
-from gateway.relay import Relay, Subscription
-from gateway.supervision import REPORT_GRACE_S, StreamEvent, Supervisor
+from gateway.core.errors import APIError
+from gateway.services.images import RawImage
+from gateway.services.queue_book import QueueBook
+from gateway.services.relay import Relay, Subscription
+from gateway.services.supervision import REPORT_GRACE_S, StreamEvent, Supervisor
 from shared.errors import ErrorCode
 from shared.keys import Keys
 from shared.protocol import GENERATE_TASK, Job, JobMeta, celery_queue
@@ -280,7 +280,7 @@ class JobService:
     def follow(
         self, sub: Subscription, job_id: str, *, first_timeout_s: float, after_seq: int = 0
     ) -> AsyncIterator[StreamEvent]:
-        """The job's events, supervised (see :mod:`gateway.supervision`)."""
+        """The job's events, supervised (see :mod:`gateway.services.supervision`)."""
         return self.supervisor.follow(
             sub, job_id, first_timeout_s=first_timeout_s, after_seq=after_seq
         )
@@ -323,15 +323,3 @@ class JobService:
         await anyio.to_thread.run_sync(self._send, promoted, self._queue_of(promoted))
         logger.info("job %s: background work waited its share; sent as interactive", job_id)
         return True
-
-
-def status_for(code: str) -> int:
-    """HTTP status for a job that failed before a non-stream response was sent."""
-    statuses: dict[str, Any] = {
-        ErrorCode.PROMPT_TOO_LONG.value: 400,
-        ErrorCode.QUEUE_TIMEOUT.value: 503,
-        ErrorCode.GATEWAY_SHUTDOWN.value: 503,
-        ErrorCode.REDIS_UNAVAILABLE.value: 503,
-        ErrorCode.WORKER_TIMEOUT.value: 504,
-    }
-    return int(statuses.get(code, 502))

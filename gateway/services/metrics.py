@@ -14,8 +14,8 @@ several apps in one process). Three sources feed it:
   response or stream has ended: ``medgemma_requests_total{model,api,outcome}``, the outcome as
   the audit record has it: ``ok``, ``cancelled``, ``client_left``, ``error:<code>``,
   ``denied:<status>`` (model ``unknown`` when the request failed before a model was chosen);
-* the :class:`StreamTimer` of each new turn, which :class:`~gateway.streaming.JobStream` calls
-  on every event with a monotonic timestamp:
+* the :class:`StreamTimer` of each new turn, which
+  :class:`~gateway.services.following.JobStream` calls on every event with a monotonic timestamp:
 
   - ``medgemma_time_to_first_token_seconds{model}``: request arrival (the audit middleware) →
     the first token event handed to the client (to the SSE response; for a non-stream answer,
@@ -48,9 +48,9 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from gateway.audit import AuditRecord
-from gateway.fleet import ModelFleet
-from gateway.supervision import Interrupted, StreamEvent
+from gateway.services.audit import AuditRecord
+from gateway.services.fleet import ModelFleet
+from gateway.services.supervision import Interrupted, StreamEvent
 from shared.errors import ErrorCode
 from shared.protocol import DoneEvent, ErrorEvent, QueuedEvent, TokenEvent
 
@@ -209,7 +209,8 @@ class Metrics:
 
 
 class StreamTimer:
-    """Times one stream; :class:`~gateway.streaming.JobStream` calls it (its ``observer``)."""
+    """Times one stream; :class:`~gateway.services.following.JobStream` calls it (its
+    ``observer``)."""
 
     def __init__(self, metrics: Metrics, model: str, started: float, *, new_turn: bool) -> None:
         self._m = metrics

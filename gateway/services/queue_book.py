@@ -26,7 +26,7 @@ from typing import cast
 from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
 
-from gateway.errors import APIError
+from gateway.core.errors import APIError
 from shared.errors import ErrorCode
 from shared.keys import Keys
 from shared.protocol import PRIORITIES, QUEUE_WINDOW_S, Job, Priority

@@ -14,12 +14,13 @@ Two limits per user id (0 disables either):
   handed it to the stream that now owns it (:meth:`Slot.hand_over`), which gives it back when the
   stream ends. The release is shielded from anyio's level-triggered cancellation, which would
   otherwise cancel it too. A release that fails (Redis restarting) is retried in the background
-  (:mod:`gateway.giveback`), and so is the give-back of a slot whose take may have run although
-  its reply was lost: an outage does not cost the user a slot for ``stream_ttl_s``. A gateway that
-  dies mid-stream cannot leak a slot forever: the script prunes expired tokens. ``stream_ttl_s``
-  must therefore bound one stream (queue wait plus generation); a longer stream stops counting
-  once it expires. A stream ends when its generation does, which no one can predict, so its
-  ``retry_after_s`` is the earliest guaranteed expiry capped at ``STREAM_RETRY_HINT_S``.
+  (:mod:`gateway.services.giveback`), and so is the give-back of a slot whose take may have
+  run although its reply was lost: an outage does not cost the user a slot for
+  ``stream_ttl_s``. A gateway that dies mid-stream cannot leak a slot forever: the script
+  prunes expired tokens. ``stream_ttl_s`` must therefore bound one stream (queue wait plus
+  generation); a longer stream stops counting once it expires. A stream ends when its
+  generation does, which no one can predict, so its ``retry_after_s`` is the earliest
+  guaranteed expiry capped at ``STREAM_RETRY_HINT_S``.
 
 ``owner`` is ``shared.keys.owner_tag(user_id)``: user ids never appear in key names. Every key
 gets a TTL that covers its newest member, so an idle user leaves nothing behind. Timestamps
@@ -39,7 +40,7 @@ from typing import Literal
 
 from redis.asyncio import Redis
 
-from gateway.giveback import GiveBack
+from gateway.services.giveback import GiveBack
 from shared.keys import owner_tag
 from shared.protocol import SlotRef
 

@@ -18,7 +18,7 @@ overflows (a slow client) or the connection drops, the subscription falls back t
 log (``XRANGE log {seq+1}-0 +``), so memory stays bounded and nothing is lost. If Redis goes
 away, the reader keeps reconnecting (redis-py re-subscribes every channel on reconnect) and
 marks every subscription as having missed messages; their readers fail while Redis is down
-(:mod:`gateway.supervision` bridges that, up to its outage allowance) and read the log from
+(:mod:`gateway.services.supervision` bridges that, up to its outage allowance) and read the log from
 their last event once it is back.
 """
 

@@ -7,13 +7,15 @@ from dataclasses import dataclass
 from celery import Celery
 from redis.asyncio import Redis
 
-from gateway.audit import AuditLog
-from gateway.auth import KeyStore
-from gateway.chat import ChatService
-from gateway.metrics import Metrics
-from gateway.ratelimit import RateLimiter
-from gateway.relay import Relay
-from gateway.settings import GatewaySettings
+from gateway.core.settings import GatewaySettings
+from gateway.services.apikeys import KeyStore
+from gateway.services.audit import AuditLog
+from gateway.services.conversations import ConversationStore
+from gateway.services.jobs import JobService
+from gateway.services.metrics import Metrics
+from gateway.services.ratelimit import RateLimiter
+from gateway.services.relay import Relay
+from gateway.services.turns import TurnService
 from shared.keys import Keys
 from shared.registry import Registry
 
@@ -26,8 +28,16 @@ class AppState:
     redis: Redis
     relay: Relay
     celery: Celery
-    chat: ChatService
+    turns: TurnService
     api_keys: KeyStore
     limiter: RateLimiter
     audit: AuditLog
     metrics: Metrics
+
+    @property
+    def jobs(self) -> JobService:
+        return self.turns.jobs
+
+    @property
+    def conversations(self) -> ConversationStore:
+        return self.turns.conversations

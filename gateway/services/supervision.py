@@ -51,17 +51,35 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import Literal, Protocol
 
+from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from gateway.relay import Event, RelayUnavailable, Subscription
+from gateway.services.queue_book import QueueBook
+from gateway.services.relay import Event, Relay, RelayUnavailable, Subscription
 from shared.errors import ErrorCode, ErrorInfo
-from shared.keys import DONE_PREFIX, MAX_HANDOVERS
-from shared.protocol import TERMINAL_TYPES, DoneEvent, ErrorEvent, Job, QueuedEvent, Usage
+from shared.keys import DONE_PREFIX, MAX_HANDOVERS, Keys
+from shared.protocol import TERMINAL_TYPES, DoneEvent, ErrorEvent, Job, JobMeta, QueuedEvent, Usage
 
-if TYPE_CHECKING:
-    from gateway.jobs import JobService
+
+class SupervisedJobs(Protocol):
+    """What supervision needs of the job service (:class:`gateway.services.jobs.JobService`),
+    so that it depends on this and not on the service that runs it."""
+
+    @property
+    def redis(self) -> Redis: ...
+    @property
+    def keys(self) -> Keys: ...
+    @property
+    def relay(self) -> Relay: ...
+    @property
+    def book(self) -> QueueBook: ...
+    async def meta(self, job_id: str) -> JobMeta | None: ...
+    async def live_workers(self, model: str, *, besides: str | None = None) -> int: ...
+    async def promote(self, job_id: str) -> bool: ...
+    async def resend(self, job: Job) -> None: ...
+
 
 logger = logging.getLogger(__name__)
 
@@ -139,7 +157,7 @@ class _Watch:
 
 class Supervisor:
     def __init__(
-        self, jobs: JobService, *, idle_timeout_s: float, job_ttl_s: int, outage_s: float
+        self, jobs: SupervisedJobs, *, idle_timeout_s: float, job_ttl_s: int, outage_s: float
     ) -> None:
         self._jobs = jobs
         self._redis = jobs.redis

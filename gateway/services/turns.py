@@ -1,7 +1,8 @@
 """One pipeline behind every front door: build the job, lock the conversation, submit.
 
-Both APIs (the seed's ``/medgemma`` and, later, OpenAI's) call :meth:`ChatService.start`;
-they differ only in how they parse requests and format events.
+Both APIs (the seed's ``/medgemma`` and OpenAI's) parse their request into one typed
+:class:`TurnRequest` and call :meth:`TurnService.start`; they differ only in how they parse
+requests and format events. The capability checks both need are here too.
 """
 
 from __future__ import annotations
@@ -15,13 +16,13 @@ from typing import Literal
 
 from redis.asyncio.client import Pipeline
 
-from gateway.auth import Principal
-from gateway.conversations import ConversationStore
-from gateway.errors import APIError
-from gateway.giveback import GiveBack, Release
-from gateway.images import RawImage
-from gateway.jobs import JobService
-from gateway.relay import Subscription
+from gateway.core.errors import APIError
+from gateway.services.apikeys import Principal
+from gateway.services.conversations import ConversationStore
+from gateway.services.giveback import GiveBack, Release
+from gateway.services.images import RawImage
+from gateway.services.jobs import JobService
+from gateway.services.relay import Subscription
 from shared.errors import ErrorCode
 from shared.keys import owner_tag
 from shared.protocol import (
@@ -53,6 +54,22 @@ class PendingMessage:
     parts: Sequence[Part]
 
 
+@dataclass(frozen=True)
+class TurnRequest:
+    """One new turn as either API asks for it."""
+
+    principal: Principal
+    entry: ModelEntry
+    new: PendingMessage  # the user's new message
+    sampling: SamplingParams
+    api: Literal["medgemma", "openai"]
+    system: str | None = None
+    conversation_id: str | None = None  # the stored history is the context, the turn is kept
+    earlier: Sequence[PendingMessage] = ()  # the context of a stateless turn
+    include_usage: bool = False
+    priority: Priority = "interactive"
+
+
 @dataclass
 class Turn:
     job: Job
@@ -60,7 +77,30 @@ class Turn:
     conversation_id: str | None
 
 
-class ChatService:
+def check_streaming(entry: ModelEntry, stream: bool) -> None:
+    """400 if a stream is asked of a model that cannot stream."""
+    if stream and not entry.capabilities.stream:
+        raise APIError(
+            400,
+            ErrorCode.UNSUPPORTED_CAPABILITY,
+            f"Model {entry.model_name!r} cannot stream; set stream to false.",
+            param="stream",
+        )
+
+
+def check_images(entry: ModelEntry, count: int, *, param: str = "image") -> None:
+    """400 if images are sent to a model that does not read them."""
+    if count and not entry.capabilities.image:
+        raise APIError(
+            400,
+            ErrorCode.UNSUPPORTED_CAPABILITY,
+            f"Model {entry.model_name!r} does not read images; send text only or pick a "
+            "model with the image capability.",
+            param=param,
+        )
+
+
+class TurnService:
     def __init__(
         self,
         jobs: JobService,
@@ -84,26 +124,13 @@ class ChatService:
         self._background_max_wait_s = background_max_wait_s
 
     @contextlib.asynccontextmanager
-    async def start(
-        self,
-        principal: Principal,
-        entry: ModelEntry,
-        *,
-        new: PendingMessage,
-        system: str | None,
-        sampling: SamplingParams,
-        conversation_id: str | None,
-        api: Literal["medgemma", "openai"],
-        include_usage: bool = False,
-        earlier: Sequence[PendingMessage] = (),
-        slot: SlotRef | None = None,
-        priority: Priority = "interactive",
-    ) -> AsyncIterator[Turn]:
+    async def start(self, turn: TurnRequest, *, slot: SlotRef | None = None) -> AsyncIterator[Turn]:
         """Submit one turn. With ``conversation_id`` the stored history is the context and
         the finished turn is stored; without it the turn is stateless (``earlier`` is the
         context the client sent). ``slot`` (the stream slot this turn holds) travels with
         the job: the terminal step releases it."""
-        self._check_images(entry, [new, *earlier])
+        principal, entry, conversation_id = turn.principal, turn.entry, turn.conversation_id
+        self._check_images(entry, [turn.new, *turn.earlier])
         job_id = new_id()
         ref: ConversationRef | None = None
         stored: list[ChatMessage] | None = None
@@ -129,36 +156,38 @@ class ChatService:
         enqueued = False
         try:
             store = _ImageStore(job_id, self.jobs.image_key)
-            history = stored if stored is not None else [store.message(m) for m in earlier]
+            history = stored if stored is not None else [store.message(m) for m in turn.earlier]
             messages: list[ChatMessage] = []
-            if system:
-                messages.append(ChatMessage(role="system", content=[TextPart(text=system)]))
+            if turn.system:
+                messages.append(ChatMessage(role="system", content=[TextPart(text=turn.system)]))
             messages += history
-            messages.append(store.message(new))
+            messages.append(store.message(turn.new))
             await self._store_images(store)
             now = time.time()
-            yields_until = now + self._background_max_wait_s if priority == "background" else None
+            yields_until = (
+                now + self._background_max_wait_s if turn.priority == "background" else None
+            )
             meta = JobMeta(
                 job_id=job_id,
                 owner=owner_tag(principal.user_id),
                 model=entry.model_name,
-                api=api,
+                api=turn.api,
                 conversation_id=conversation_id,
                 created=int(time.time()),
-                include_usage=include_usage,
+                include_usage=turn.include_usage,
                 yields_until=yields_until,
             )
             job = Job(
                 job_id=job_id,
                 model=entry.model_name,
                 messages=messages,
-                sampling=sampling,
+                sampling=turn.sampling,
                 conversation=ref,
                 slot=slot,
                 enqueued_at=now,
                 start_deadline=now + self._queue_timeout_s,
                 max_generation_s=self._max_generation_s,
-                priority=priority,
+                priority=turn.priority,
                 yields_until=yields_until,
             )
 
@@ -190,14 +219,7 @@ class ChatService:
 
     def _check_images(self, entry: ModelEntry, messages: Sequence[PendingMessage]) -> None:
         count = sum(isinstance(p, RawImage) for m in messages for p in m.parts)
-        if count and not entry.capabilities.image:
-            raise APIError(
-                400,
-                ErrorCode.UNSUPPORTED_CAPABILITY,
-                f"Model {entry.model_name!r} does not read images; send text only or pick a "
-                "model with the image capability.",
-                param="image",
-            )
+        check_images(entry, count)
         if count > self._max_images:
             raise APIError(
                 400,

@@ -2,7 +2,7 @@
 
 Every field of the seed's request body is accepted; unknown fields are refused (422) so a
 typo never silently changes nothing. Fields a model does not support are refused with 400 by
-:mod:`gateway.medgemma.serving`.
+:mod:`gateway.api.medgemma.serving`.
 """
 
 from __future__ import annotations
@@ -11,9 +11,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from gateway.core.types import CONVERSATION_ID
 from shared.protocol import Priority, Usage
-
-CONVERSATION_ID = r"^[A-Za-z0-9._-]{1,128}$"
 
 
 class TextPart(BaseModel):

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 from fastapi import APIRouter
-from fastapi.responses import JSONResponse
-from sse_starlette import EventSourceResponse
+from fastapi.responses import Response
 
-from gateway.deps import (
+from gateway.api.deps import (
     AuditDep,
     ClientGoneDep,
     PrincipalDep,
@@ -14,8 +13,8 @@ from gateway.deps import (
     chosen_model,
     priority_for,
 )
-from gateway.medgemma import serving
-from gateway.medgemma.protocol import MedGemmaRequest
+from gateway.api.medgemma import serving
+from gateway.api.medgemma.protocol import MedGemmaRequest
 
 router = APIRouter(tags=["medgemma"])
 
@@ -31,7 +30,7 @@ async def medgemma(
     principal: PrincipalDep,
     audit: AuditDep,
     gone: ClientGoneDep,
-) -> EventSourceResponse | JSONResponse:
+) -> Response:
     entry, aliased = chosen_model(state, principal, req.model)
     priority = priority_for(principal, req.priority, aliased)
     return await serving.serve(state, principal, entry, req, priority, audit, client_gone=gone)

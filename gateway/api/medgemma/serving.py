@@ -20,25 +20,29 @@ How the seed's controls change generation:
 
 from __future__ import annotations
 
-import json
 from decimal import Decimal, InvalidOperation
 
-from fastapi.responses import JSONResponse
-from sse_starlette import EventSourceResponse, ServerSentEvent
+from fastapi.responses import Response
 
-from gateway.auditing import AuditInfo
-from gateway.auth import Principal
-from gateway.chat import Part, PendingMessage, new_id
-from gateway.deps import ClientGone, admission
-from gateway.errors import APIError, error_response
-from gateway.images import parse_image_url
-from gateway.jobs import status_for
-from gateway.medgemma.protocol import ImagePart, MedGemmaRequest, MedGemmaResponse
-from gateway.state import AppState
-from gateway.streaming import JobStream
-from gateway.supervision import Relayed
-from shared.errors import ErrorBody, ErrorCode, ErrorInfo
-from shared.protocol import DoneEvent, Priority, QueuedEvent, SamplingParams, TokenEvent
+from gateway.api.answer import answer, open_turn
+from gateway.api.deps import ClientGone, admission
+from gateway.api.medgemma.framing import SeedFraming
+from gateway.api.medgemma.protocol import ImagePart, MedGemmaRequest
+from gateway.core.errors import APIError
+from gateway.services.apikeys import Principal
+from gateway.services.audit import AuditInfo
+from gateway.services.images import parse_image_url
+from gateway.services.state import AppState
+from gateway.services.turns import (
+    Part,
+    PendingMessage,
+    TurnRequest,
+    check_images,
+    check_streaming,
+    new_id,
+)
+from shared.errors import ErrorCode
+from shared.protocol import Priority, SamplingParams
 from shared.registry import ModelEntry
 
 DEFAULT_TEMPERATURE = 0.7
@@ -71,12 +75,7 @@ def check_request(req: MedGemmaRequest, entry: ModelEntry) -> None:
             "mcp",
             f"Model {name!r} does not support MCP tools; send mcp as [].",
         )
-    if req.stream and not caps.stream:
-        raise _refuse(
-            ErrorCode.UNSUPPORTED_CAPABILITY,
-            "stream",
-            f"Model {name!r} cannot stream; set stream to false.",
-        )
+    check_streaming(entry, req.stream)
     if req.dan:
         raise _refuse(
             ErrorCode.UNSUPPORTED_OPTION, "dan", "dan mode is not supported; set dan to false."
@@ -142,33 +141,6 @@ def _system(req: MedGemmaRequest, entry: ModelEntry, hint: str) -> str | None:
     return text or None
 
 
-def seed_farewell(info: ErrorInfo) -> list[ServerSentEvent]:
-    return [ServerSentEvent(data=json.dumps(ErrorBody(error=info).model_dump()), event="error")]
-
-
-def seed_frame(event: Relayed, model: str, cid: str | None) -> ServerSentEvent:
-    """One event in the seed API's SSE format: ``event:`` type, ``id:`` sequence number.
-
-    ``queued`` events (place in line while waiting for a worker) carry no id: they are not
-    part of the job's log and are not replayed on resume."""
-    if isinstance(event, QueuedEvent):
-        place = {"position": event.position, "eta_s": event.eta_s}
-        return ServerSentEvent(data=json.dumps(place), event="queued")
-    if isinstance(event, TokenEvent):
-        data: dict[str, object] = {"text": event.text}
-    elif isinstance(event, DoneEvent):
-        data = {
-            "conversation_id": cid,
-            "model": model,
-            "finish_reason": event.finish_reason,
-            "usage": event.usage.model_dump(),
-            "disclaimer": event.disclaimer,
-        }
-    else:
-        data = ErrorBody(error=event.error).model_dump()
-    return ServerSentEvent(data=json.dumps(data), event=event.type, id=str(event.seq))
-
-
 async def serve(
     state: AppState,
     principal: Principal,
@@ -178,7 +150,7 @@ async def serve(
     audit: AuditInfo,
     *,
     client_gone: ClientGone | None = None,
-) -> EventSourceResponse | JSONResponse:
+) -> Response:
     check_request(req, entry)
     async with admission(state, principal, stream=req.stream) as slot:
         sampling, hint = sampling_for(req, entry)
@@ -186,12 +158,7 @@ async def serve(
         parts: list[Part] = []
         for i, part in enumerate(req.user_message):
             if isinstance(part, ImagePart):
-                if not entry.capabilities.image:
-                    raise _refuse(
-                        ErrorCode.UNSUPPORTED_CAPABILITY,
-                        f"user_message.{i}",
-                        f"Model {entry.model_name!r} does not read images; send text only.",
-                    )
+                check_images(entry, 1, param=f"user_message.{i}")  # before decoding it
                 parts.append(
                     await parse_image_url(part.data_url, limits, f"user_message.{i}.data_url")
                 )
@@ -199,41 +166,22 @@ async def serve(
                 parts.append(part.text)
         new = PendingMessage(role="user", parts=parts)
         cid = req.conversation_id or new_id("c-")
-        opened = await JobStream.start_turn(
-            state.chat,
-            slot=slot,
-            audit=audit,
-            observer=state.metrics.stream(entry.model_name, audit.started),
+        turn = TurnRequest(
             principal=principal,
             entry=entry,
             new=new,
-            system=_system(req, entry, hint),
             sampling=sampling,
-            conversation_id=cid,
             api="medgemma",
+            system=_system(req, entry, hint),
+            conversation_id=cid,
             priority=priority,
         )
-        headers = {"X-Job-Id": opened.job_id, "X-Conversation-Id": cid}
-        if req.stream:
-            failed = await opened.early_error(state.settings.gateway_first_event_wait_s)
-            if failed is not None:
-                return error_response(status_for(failed.code), failed, headers)
-            return opened.sse(
-                lambda event: [seed_frame(event, entry.model_name, cid)],
-                farewell=seed_farewell,
-                headers=headers,
-                ping_s=state.settings.gateway_ping_s,
-            )
-        text, end = await opened.collect(client_gone)
-        if isinstance(end, ErrorInfo):
-            return error_response(status_for(end.code), end, headers)
-        body = MedGemmaResponse(
-            conversation_id=cid,
-            model=entry.model_name,
-            content=text,
-            usage=end.usage,
-            finish_reason=end.finish_reason,
-            job_id=opened.job_id,
-            disclaimer=end.disclaimer,
+        opened = await open_turn(state, turn, slot=slot, audit=audit)
+        return await answer(
+            opened,
+            SeedFraming(entry.model_name, cid),
+            as_stream=req.stream,
+            headers={"X-Job-Id": opened.job_id, "X-Conversation-Id": cid},
+            settings=state.settings,
+            client_gone=client_gone,
         )
-        return JSONResponse(body.model_dump(mode="json"), headers=headers)

@@ -11,7 +11,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from gateway.medgemma.protocol import CONVERSATION_ID
+from gateway.core.types import CONVERSATION_ID
 from shared.protocol import Priority
 
 

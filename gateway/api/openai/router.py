@@ -5,10 +5,9 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Header, Request
-from fastapi.responses import JSONResponse
-from sse_starlette import EventSourceResponse
+from fastapi.responses import Response
 
-from gateway.deps import (
+from gateway.api.deps import (
     BACKGROUND_ALIAS,
     AuditDep,
     ClientGoneDep,
@@ -19,9 +18,9 @@ from gateway.deps import (
     note_principal,
     priority_for,
 )
-from gateway.medgemma.protocol import CONVERSATION_ID
-from gateway.openai_api import serving
-from gateway.openai_api.protocol import ChatCompletionRequest, ModelCard, ModelList
+from gateway.api.openai import serving
+from gateway.api.openai.protocol import ChatCompletionRequest, ModelCard, ModelList
+from gateway.core.types import CONVERSATION_ID
 from shared.protocol import Priority
 
 router = APIRouter(prefix="/v1", tags=["openai"])
@@ -43,7 +42,7 @@ async def chat_completions(
             "within the resume grace; otherwise it is cancelled at once"
         ),
     ] = False,
-) -> EventSourceResponse | JSONResponse:
+) -> Response:
     if principal.may_name_users and req.user:  # the OpenAI field names the end user too
         principal = name_end_user(principal, req.user, param="user")
         note_principal(request, principal)
@@ -69,7 +68,7 @@ async def list_models(state: StateDep, principal: PrincipalDep) -> ModelList:
     work), then the models no worker serves; each group in the registry's order."""
     created = int(state.registry.source.stat().st_mtime)
     usable = [m for m in state.registry.models if principal.is_admin or not m.admin]
-    live = await state.chat.jobs.live_counts([m.model_name for m in usable])
+    live = await state.jobs.live_counts([m.model_name for m in usable])
     served = [m.model_name for m in usable if live[m.model_name]]
     names = [
         *served,

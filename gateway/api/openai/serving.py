@@ -22,34 +22,23 @@ turn's events onto OpenAI's frames.
 
 from __future__ import annotations
 
-import json
 import time
-from collections.abc import Iterable
 
-from fastapi.responses import JSONResponse
-from sse_starlette import EventSourceResponse, ServerSentEvent
+from fastapi.responses import Response
 
-from gateway.auditing import AuditInfo
-from gateway.auth import Principal
-from gateway.chat import Part, PendingMessage
-from gateway.deps import ClientGone, admission
-from gateway.errors import APIError, error_response
-from gateway.images import ImageLimits, parse_image_url
-from gateway.jobs import status_for
-from gateway.openai_api.protocol import (
-    ChatCompletion,
-    ChatCompletionRequest,
-    Choice,
-    CompletionUsage,
-    ImageContent,
-    Message,
-    ResponseMessage,
-)
-from gateway.state import AppState
-from gateway.streaming import JobStream
-from gateway.supervision import Relayed
-from shared.errors import ErrorBody, ErrorCode, ErrorInfo
-from shared.protocol import DoneEvent, Priority, QueuedEvent, SamplingParams, TokenEvent
+from gateway.api.answer import answer, open_turn
+from gateway.api.deps import ClientGone, admission
+from gateway.api.openai.framing import ChunkFraming
+from gateway.api.openai.protocol import ChatCompletionRequest, ImageContent, Message
+from gateway.core.errors import APIError
+from gateway.core.types import ImageLimits
+from gateway.services.apikeys import Principal
+from gateway.services.audit import AuditInfo
+from gateway.services.images import parse_image_url
+from gateway.services.state import AppState
+from gateway.services.turns import Part, PendingMessage, TurnRequest, check_streaming
+from shared.errors import ErrorCode
+from shared.protocol import Priority, SamplingParams
 from shared.registry import ModelEntry
 
 MAX_STOP = 4
@@ -171,78 +160,6 @@ async def split_messages(
     return ("\n\n".join(s for s in system if s) or None), turns[:-1], turns[-1]
 
 
-def _usage(done: DoneEvent) -> dict[str, int]:
-    u = done.usage
-    return CompletionUsage(
-        prompt_tokens=u.prompt_tokens,
-        completion_tokens=u.completion_tokens,
-        total_tokens=u.total_tokens,
-    ).model_dump()
-
-
-def _finish_reason(done: DoneEvent) -> str:
-    return "length" if done.finish_reason == "length" else "stop"
-
-
-class ChunkWriter:
-    """Formats events as ``chat.completion.chunk`` frames.
-
-    Chunks carry SSE ``id:`` lines (the job's sequence numbers) so a client can resume.
-    The official SDKs keep the last id and turn *any* later blank-line-terminated frame
-    without data (a keep-alive comment, say) into an event with empty data, which they
-    fail to parse as JSON. So once an id has been sent, this stream sends data frames
-    only: no pings (the caller disables them) and no queue comments."""
-
-    def __init__(self, completion_id: str, model: str, created: int, include_usage: bool) -> None:
-        self._base = {
-            "id": completion_id,
-            "object": "chat.completion.chunk",
-            "created": created,
-            "model": model,
-            "system_fingerprint": None,
-        }
-        self._include_usage = include_usage
-        self._sent_id = False
-
-    def _chunk(self, delta: dict[str, str], finish: str | None, seq: int | None) -> ServerSentEvent:
-        body: dict[str, object] = {
-            **self._base,
-            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
-        }
-        if self._include_usage:
-            body["usage"] = None
-        self._sent_id = self._sent_id or seq is not None
-        return ServerSentEvent(data=json.dumps(body), id=None if seq is None else str(seq))
-
-    def first(self) -> ServerSentEvent:
-        return self._chunk({"role": "assistant", "content": ""}, None, None)
-
-    def frames(self, event: Relayed) -> Iterable[ServerSentEvent]:
-        if isinstance(event, QueuedEvent):  # an SSE comment: OpenAI clients skip it...
-            if self._sent_id:  # ...unless an id was sent before (see the class docstring)
-                return []
-            return [
-                ServerSentEvent(comment=f"queued position={event.position} eta_s={event.eta_s}")
-            ]
-        if isinstance(event, TokenEvent):
-            return [self._chunk({"content": event.text}, None, event.seq)]
-        if isinstance(event, DoneEvent):
-            out = [self._chunk({}, _finish_reason(event), event.seq)]
-            if self._include_usage:
-                usage = {**self._base, "choices": [], "usage": _usage(event)}
-                out.append(ServerSentEvent(data=json.dumps(usage)))
-            return out
-        body = ErrorBody(error=event.error).model_dump()
-        return [ServerSentEvent(data=json.dumps(body), id=str(event.seq))]
-
-
-DONE_FRAME = ServerSentEvent(data="[DONE]")
-
-
-def openai_farewell(info: ErrorInfo) -> list[ServerSentEvent]:
-    return [ServerSentEvent(data=json.dumps(ErrorBody(error=info).model_dump())), DONE_FRAME]
-
-
 async def serve(
     state: AppState,
     principal: Principal,
@@ -254,66 +171,45 @@ async def serve(
     *,
     client_gone: ClientGone | None = None,
     resumable: bool = False,
-) -> EventSourceResponse | JSONResponse:
+) -> Response:
     """``resumable``: the client may come back for the rest (``GET /jobs/{id}/events``), so a
     dropped connection gets the resume grace; otherwise (OpenAI clients never resume) the job
     is cancelled as soon as its client is gone, freeing the GPU at once."""
     tools_ignored = check_options(req)
-    if req.stream and not entry.capabilities.stream:
-        raise _unsupported("stream", f"Model {entry.model_name!r} cannot stream.")
+    check_streaming(entry, req.stream)
+    include_usage = bool(req.stream_options and req.stream_options.include_usage)
     limits = state.settings.image_limits
     async with admission(state, principal, stream=req.stream) as slot:
         system, earlier, new = await split_messages(req, limits)
         cid = req.conversation_id or header_conversation_id
-        opened = await JobStream.start_turn(
-            state.chat,
-            slot=slot,
-            audit=audit,
-            observer=state.metrics.stream(entry.model_name, audit.started),
+        turn = TurnRequest(
             principal=principal,
             entry=entry,
             new=new,
-            system=system,
             sampling=sampling_for(req, entry),
-            conversation_id=cid,
             api="openai",
-            include_usage=bool(req.stream_options and req.stream_options.include_usage),
+            system=system,
+            conversation_id=cid,
             earlier=() if cid else earlier,
+            include_usage=include_usage,
             priority=priority,
         )
+        opened = await open_turn(state, turn, slot=slot, audit=audit)
         if not resumable:
             opened.resume_grace_s = 0.0
-        completion_id = f"chatcmpl-{opened.job_id}"
-        created = int(time.time())
         headers = {"X-Job-Id": opened.job_id}
         if cid:
             headers["X-Conversation-Id"] = cid
         if tools_ignored:
             headers[TOOLS_HEADER] = "true"
-        if req.stream:
-            failed = await opened.early_error(state.settings.gateway_first_event_wait_s)
-            if failed is not None:
-                return error_response(status_for(failed.code), failed, headers)
-            include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            writer = ChunkWriter(completion_id, entry.model_name, created, include_usage)
-            return opened.sse(
-                writer.frames,
-                headers=headers,
-                ping_s=0,  # see ChunkWriter: keep-alive comments break the SDKs after an id
-                first=[writer.first()],
-                last=[DONE_FRAME],
-                farewell=openai_farewell,
-            )
-        text, end = await opened.collect(client_gone)
-        if isinstance(end, ErrorInfo):
-            return error_response(status_for(end.code), end, headers)
-        body = ChatCompletion(
-            id=completion_id,
-            created=created,
-            model=entry.model_name,
-            choices=[
-                Choice(message=ResponseMessage(content=text), finish_reason=_finish_reason(end))
-            ],
-            usage=CompletionUsage(**_usage(end)),
+        framing = ChunkFraming(
+            f"chatcmpl-{opened.job_id}", entry.model_name, int(time.time()), include_usage
         )
-        return JSONResponse(body.model_dump(mode="json"), headers=headers)
+        return await answer(
+            opened,
+            framing,
+            as_stream=req.stream,
+            headers=headers,
+            settings=state.settings,
+            client_gone=client_gone,
+        )

@@ -7,10 +7,10 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Path
 from fastapi.responses import Response
 
-from gateway.conversations import ConversationSummary
-from gateway.deps import PrincipalDep, StateDep
-from gateway.errors import APIError
-from gateway.medgemma.protocol import CONVERSATION_ID
+from gateway.api.deps import PrincipalDep, StateDep
+from gateway.core.errors import APIError
+from gateway.core.types import CONVERSATION_ID
+from gateway.services.conversations import ConversationSummary
 from shared.errors import ErrorCode
 
 router = APIRouter(tags=["conversations"])
@@ -29,14 +29,14 @@ def _not_found(cid: str) -> APIError:
 
 @router.get("/conversations", summary="Your conversations, most recent first")
 async def list_conversations(state: StateDep, principal: PrincipalDep) -> list[ConversationSummary]:
-    return await state.chat.conversations.list(principal.user_id)
+    return await state.conversations.list(principal.user_id)
 
 
 @router.get("/conversations/{conversation_id}", summary="One of your conversations")
 async def get_conversation(
     conversation_id: ConversationId, state: StateDep, principal: PrincipalDep
 ) -> dict[str, Any]:
-    messages = await state.chat.conversations.history(principal.user_id, conversation_id)
+    messages = await state.conversations.history(principal.user_id, conversation_id)
     if not messages:
         raise _not_found(conversation_id)
     return {
@@ -49,6 +49,6 @@ async def get_conversation(
 async def delete_conversation(
     conversation_id: ConversationId, state: StateDep, principal: PrincipalDep
 ) -> Response:
-    if not await state.chat.conversations.delete(principal.user_id, conversation_id):
+    if not await state.conversations.delete(principal.user_id, conversation_id):
         raise _not_found(conversation_id)
     return Response(status_code=204)

@@ -8,7 +8,7 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 from redis.exceptions import RedisError
 
-from gateway.deps import StateDep
+from gateway.api.deps import StateDep
 
 router = APIRouter(tags=["health"])
 
@@ -25,7 +25,7 @@ async def readyz(state: StateDep) -> JSONResponse:
         await state.redis.ping()
         body["redis"] = True
         names = [entry.model_name for entry in state.registry.models]
-        body["models"] = await state.chat.jobs.live_counts(names)
+        body["models"] = await state.jobs.live_counts(names)
     except (RedisError, OSError):
         pass
     default = state.settings.gateway_default_model

@@ -13,22 +13,24 @@ from fastapi import APIRouter, Header, Path
 from fastapi.responses import JSONResponse
 from sse_starlette import EventSourceResponse
 
-from gateway.deps import AuditDep, PrincipalDep, StateDep, admission
-from gateway.errors import APIError
-from gateway.medgemma.serving import seed_farewell, seed_frame
-from gateway.openai_api.serving import DONE_FRAME, ChunkWriter, openai_farewell
-from gateway.streaming import JobStream
+from gateway.api.answer import Framing, sse_response
+from gateway.api.deps import AuditDep, PrincipalDep, StateDep, admission
+from gateway.api.medgemma.framing import SeedFraming
+from gateway.api.openai.framing import ChunkFraming
+from gateway.core.errors import APIError
+from gateway.core.types import JOB_ID
+from gateway.services.following import JobStream
 from shared.errors import ErrorCode
 from shared.keys import owner_tag
 from shared.protocol import JobMeta
 
 router = APIRouter(tags=["jobs"])
 
-JobId = Annotated[str, Path(pattern=r"^[A-Za-z0-9_-]{8,64}$")]
+JobId = Annotated[str, Path(pattern=JOB_ID)]
 
 
 async def _own_job(state: StateDep, principal: PrincipalDep, job_id: str) -> JobMeta:
-    meta = await state.chat.jobs.meta(job_id)
+    meta = await state.jobs.meta(job_id)
     if meta is None or meta.owner != owner_tag(principal.user_id):
         raise APIError(404, ErrorCode.NOT_FOUND, f"Job {job_id!r} does not exist (or has expired).")
     return meta
@@ -38,9 +40,9 @@ async def _own_job(state: StateDep, principal: PrincipalDep, job_id: str) -> Job
 async def cancel_job(
     job_id: JobId, state: StateDep, principal: PrincipalDep, audit: AuditDep
 ) -> JSONResponse:
-    audit.job_id = job_id
+    audit.job(job_id)
     await _own_job(state, principal, job_id)
-    await state.chat.jobs.cancel(job_id)
+    await state.jobs.cancel(job_id)
     return JSONResponse({"job_id": job_id, "status": "cancelling"}, status_code=202)
 
 
@@ -53,34 +55,30 @@ async def job_events(
     last_event_id: Annotated[int, Header(ge=0)] = 0,
 ) -> EventSourceResponse:
     meta = await _own_job(state, principal, job_id)
-    audit.job_id, audit.model, audit.conversation_id = job_id, meta.model, meta.conversation_id
+    audit.job(job_id, model=meta.model, conversation_id=meta.conversation_id)
     async with admission(state, principal, stream=True) as slot:
         timer = state.metrics.stream(meta.model, audit.started, new_turn=False)  # open streams only
         stream = await JobStream.resume(
-            state.chat.jobs,
+            state.jobs,
             job_id,
             last_event_id,
             hold=slot.hand_over(),
             audit=audit,
             observer=timer,
         )
-        headers = {"X-Job-Id": job_id}
-        ping = state.settings.gateway_ping_s
-        if meta.api == "openai":
-            writer = ChunkWriter(f"chatcmpl-{job_id}", meta.model, meta.created, meta.include_usage)
-            first = [writer.first()] if last_event_id == 0 else []
-            return stream.sse(
-                writer.frames,
-                headers=headers,
-                ping_s=0,  # see ChunkWriter: keep-alive comments break the SDKs after an id
-                first=first,
-                last=[DONE_FRAME],
-                farewell=openai_farewell,
-            )
-        cid = meta.conversation_id
-        return stream.sse(
-            lambda e: [seed_frame(e, meta.model, cid)],
-            headers=headers,
-            ping_s=ping,
-            farewell=seed_farewell,
+        return sse_response(
+            stream,
+            _framing(meta, resumed=last_event_id > 0),
+            headers={"X-Job-Id": job_id},
+            ping_s=state.settings.gateway_ping_s,
         )
+
+
+def _framing(meta: JobMeta, *, resumed: bool) -> Framing:
+    """The format the job's stream was asked in."""
+    if meta.api == "openai":
+        completion_id = f"chatcmpl-{meta.job_id}"
+        return ChunkFraming(
+            completion_id, meta.model, meta.created, meta.include_usage, opening=not resumed
+        )
+    return SeedFraming(meta.model, meta.conversation_id)

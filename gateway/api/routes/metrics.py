@@ -1,7 +1,7 @@
 """``GET /metrics`` (Prometheus, no auth, like health) and ``GET /admin/fleet`` (admins only).
 
-``/metrics`` reads Redis first (queues, heartbeats: see :mod:`gateway.fleet`), sets the gauges
-and renders, with no ``await`` between the last two, so concurrent scrapes never see a
+``/metrics`` reads Redis first (queues, heartbeats: see :mod:`gateway.services.fleet`), sets
+the gauges and renders, with no ``await`` between the last two, so concurrent scrapes never see a
 half-set state. If Redis cannot be read the scrape still answers, with ``medgemma_redis_up 0``
 and without the Redis-derived gauges. Like ``/readyz`` it names every model of the registry:
 keep it off the public side of a reverse proxy.
@@ -23,10 +23,10 @@ from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from redis.exceptions import RedisError
 
-from gateway.deps import PrincipalDep, StateDep
-from gateway.fleet import ModelFleet, WorkerView, read_fleet
-from gateway.metrics import ERROR_WINDOW_S
-from gateway.state import AppState
+from gateway.api.deps import PrincipalDep, StateDep
+from gateway.services.fleet import ModelFleet, WorkerView, read_fleet
+from gateway.services.metrics import ERROR_WINDOW_S
+from gateway.services.state import AppState
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +38,7 @@ async def _fleet(state: AppState) -> list[ModelFleet]:
         state.redis,
         state.keys,
         state.registry,
-        state.chat.jobs.book,
+        state.jobs.book,
         heartbeat_ttl_s=state.settings.heartbeat_ttl_s,
     )
 

@@ -6,7 +6,7 @@ from typing import Any
 
 from fastapi import APIRouter
 
-from gateway.deps import PrincipalDep, StateDep
+from gateway.api.deps import PrincipalDep, StateDep
 
 router = APIRouter(tags=["models"])
 
@@ -14,5 +14,5 @@ router = APIRouter(tags=["models"])
 @router.get("/models", summary="Models you may use, in the seed's shape, with availability")
 async def list_models(state: StateDep, principal: PrincipalDep) -> list[dict[str, Any]]:
     usable = [e for e in state.registry.models if principal.is_admin or not e.admin]
-    live = await state.chat.jobs.live_counts([e.model_name for e in usable])
+    live = await state.jobs.live_counts([e.model_name for e in usable])
     return [{**entry.public(), "available": live[entry.model_name] > 0} for entry in usable]

@@ -1,0 +1,1 @@
+"""The HTTP edge: dependencies, error mapping, one package per API, and the plain routes."""

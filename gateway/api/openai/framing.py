@@ -1,0 +1,126 @@
+"""OpenAI's answer format: ``chat.completion.chunk`` frames and ``data: [DONE]``, or one
+``chat.completion`` body."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from typing import Any
+
+from sse_starlette import ServerSentEvent
+
+from gateway.api.openai.protocol import ChatCompletion, Choice, CompletionUsage, ResponseMessage
+from gateway.services.supervision import Relayed
+from shared.errors import ErrorBody, ErrorInfo
+from shared.protocol import DoneEvent, QueuedEvent, TokenEvent
+
+
+def _usage(done: DoneEvent) -> dict[str, int]:
+    u = done.usage
+    return CompletionUsage(
+        prompt_tokens=u.prompt_tokens,
+        completion_tokens=u.completion_tokens,
+        total_tokens=u.total_tokens,
+    ).model_dump()
+
+
+def _finish_reason(done: DoneEvent) -> str:
+    return "length" if done.finish_reason == "length" else "stop"
+
+
+class ChunkWriter:
+    """Formats events as ``chat.completion.chunk`` frames.
+
+    Chunks carry SSE ``id:`` lines (the job's sequence numbers) so a client can resume.
+    The official SDKs keep the last id and turn *any* later blank-line-terminated frame
+    without data (a keep-alive comment, say) into an event with empty data, which they
+    fail to parse as JSON. So once an id has been sent, this stream sends data frames
+    only: no pings (the caller disables them) and no queue comments."""
+
+    def __init__(self, completion_id: str, model: str, created: int, include_usage: bool) -> None:
+        self._base = {
+            "id": completion_id,
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": model,
+            "system_fingerprint": None,
+        }
+        self._include_usage = include_usage
+        self._sent_id = False
+
+    def _chunk(self, delta: dict[str, str], finish: str | None, seq: int | None) -> ServerSentEvent:
+        body: dict[str, object] = {
+            **self._base,
+            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
+        }
+        if self._include_usage:
+            body["usage"] = None
+        self._sent_id = self._sent_id or seq is not None
+        return ServerSentEvent(data=json.dumps(body), id=None if seq is None else str(seq))
+
+    def first(self) -> ServerSentEvent:
+        return self._chunk({"role": "assistant", "content": ""}, None, None)
+
+    def frames(self, event: Relayed) -> Iterable[ServerSentEvent]:
+        if isinstance(event, QueuedEvent):  # an SSE comment: OpenAI clients skip it...
+            if self._sent_id:  # ...unless an id was sent before (see the class docstring)
+                return []
+            return [
+                ServerSentEvent(comment=f"queued position={event.position} eta_s={event.eta_s}")
+            ]
+        if isinstance(event, TokenEvent):
+            return [self._chunk({"content": event.text}, None, event.seq)]
+        if isinstance(event, DoneEvent):
+            out = [self._chunk({}, _finish_reason(event), event.seq)]
+            if self._include_usage:
+                usage = {**self._base, "choices": [], "usage": _usage(event)}
+                out.append(ServerSentEvent(data=json.dumps(usage)))
+            return out
+        body = ErrorBody(error=event.error).model_dump()
+        return [ServerSentEvent(data=json.dumps(body), id=str(event.seq))]
+
+
+DONE_FRAME = ServerSentEvent(data="[DONE]")
+
+
+def openai_farewell(info: ErrorInfo) -> list[ServerSentEvent]:
+    return [ServerSentEvent(data=json.dumps(ErrorBody(error=info).model_dump())), DONE_FRAME]
+
+
+class ChunkFraming(ChunkWriter):
+    """:class:`gateway.api.answer.Framing` of ``/v1/chat/completions``. ``opening``: send the
+    role chunk first (a resume after some events has had it already)."""
+
+    ping_s: float | None = 0.0  # see ChunkWriter: keep-alive comments break the SDKs after an id
+
+    def __init__(
+        self,
+        completion_id: str,
+        model: str,
+        created: int,
+        include_usage: bool,
+        *,
+        opening: bool = True,
+    ) -> None:
+        super().__init__(completion_id, model, created, include_usage)
+        self._opening = opening
+
+    def first(self) -> Iterable[ServerSentEvent]:  # type: ignore[override]
+        return (super().first(),) if self._opening else ()
+
+    def last(self) -> Iterable[ServerSentEvent]:
+        return (DONE_FRAME,)
+
+    def farewell(self, info: ErrorInfo) -> Iterable[ServerSentEvent]:
+        return openai_farewell(info)
+
+    def body(self, text: str, done: DoneEvent, job_id: str) -> dict[str, Any]:
+        return ChatCompletion(
+            id=self._base["id"],
+            created=self._base["created"],
+            model=self._base["model"],
+            choices=[
+                Choice(message=ResponseMessage(content=text), finish_reason=_finish_reason(done))
+            ],
+            usage=CompletionUsage(**_usage(done)),
+        ).model_dump(mode="json")
