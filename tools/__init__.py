@@ -1,0 +1,1 @@
+"""Maintainers' tools (not shipped): e.g. the README screenshot."""
