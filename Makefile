@@ -7,7 +7,7 @@ PIP := $(PY) -m pip
 # `torch` requirement would pull a CUDA build of several GB. Never torchvision.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: venv demo test test-fast lint typecheck bench-overhead clean browser-deps
+.PHONY: venv demo test test-fast lint typecheck bench-overhead clean browser-deps openwebui-deps
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -32,11 +32,30 @@ browser-deps: venv
 	fi
 	$(PIP) install --quiet -c constraints.txt "playwright>=1.45"
 
+# Open WebUI for tests/test_openwebui.py, in a virtual environment of its own outside $(VENV)
+# (about 2.9 GB; its pins are not the project's). torch first and pinned, as for $(VENV): the
+# CPU build on disk, never a CUDA one; then Open WebUI with torch pinned again so that nothing
+# moves it. A no-op once installed (the stamp names the version); .ci/run runs it before
+# `make test`. Without it, outside CI, tests/test_openwebui.py is skipped.
+OPENWEBUI_VENV ?= .venv-openwebui
+OPENWEBUI_VERSION ?= 0.12.4
+OPENWEBUI_PIP := $(OPENWEBUI_VENV)/bin/python -m pip
+
+$(OPENWEBUI_VENV)/.installed-$(OPENWEBUI_VERSION):
+	$(PYTHON) -m venv $(OPENWEBUI_VENV)
+	$(OPENWEBUI_PIP) install --quiet --upgrade pip
+	$(OPENWEBUI_PIP) install --quiet "$(TORCH_SPEC)"
+	$(OPENWEBUI_PIP) install --quiet "open-webui==$(OPENWEBUI_VERSION)" "$(TORCH_SPEC)"
+	rm -f $(OPENWEBUI_VENV)/.installed-*
+	touch $@
+
+openwebui-deps: $(OPENWEBUI_VENV)/.installed-$(OPENWEBUI_VERSION)
+
 demo: venv
 	$(PY) -m devstack.demo
 
 test: venv
-	$(PY) -m ruff check gateway worker shared devstack tests bench
+	$(PY) -m ruff check gateway worker shared devstack tests bench tools
 	$(PY) -m mypy
 	$(PY) -m pytest -q -ra
 
@@ -44,8 +63,8 @@ test-fast: venv
 	$(PY) -m pytest -q -m "not integration and not slow and not browser"
 
 lint: venv
-	$(PY) -m ruff check gateway worker shared devstack tests bench
-	$(PY) -m ruff format --check gateway worker shared devstack tests bench
+	$(PY) -m ruff check gateway worker shared devstack tests bench tools
+	$(PY) -m ruff format --check gateway worker shared devstack tests bench tools
 
 typecheck: venv
 	$(PY) -m mypy

@@ -189,7 +189,6 @@ def stack_env(
         "GATEWAY_RESUME_GRACE_S": "1.0",
         "GATEWAY_PING_S": "0.5",  # keep-alives inside every test stream
         "GATEWAY_IDLE_TIMEOUT_S": "3",
-        "GATEWAY_BACKGROUND_MAX_WAIT_S": "2",  # (below the idle timeout)
         "GATEWAY_RATE_LIMIT_RPM": "100000",
         "GATEWAY_MAX_CONCURRENT_STREAMS": "100",
         "GATEWAY_AUDIT_LOG": str(workdir / "audit.jsonl"),
