@@ -157,7 +157,10 @@ class ModelEngine(Engine[Prompt]):
         with self._lock:
             if self._alone is alone:
                 self._alone = None
-            moving = alone.preempted and self._still_going(taken, budget)
+            # A job that must stop anyway (cancelled, or background work pausing for the
+            # job that preempted it) does not move: its re-prefill in the batch would delay
+            # the newcomer's first token.
+            moving = alone.preempted and self._still_going(taken, budget) and not should_stop()
             if moving:
                 self._batched += 1
             if self._batched:

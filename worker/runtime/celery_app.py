@@ -27,7 +27,7 @@ from pydantic import ValidationError
 
 from shared.celery_config import celery_options
 from shared.protocol import GENERATE_TASK, Job
-from worker.runtime.runner import JobRunner
+from worker.runtime.runner import Deferred, JobRunner
 
 logger = logging.getLogger(__name__)
 
@@ -113,13 +113,21 @@ def create_celery(
         app.steps["consumer"].add(intake)
         logging.getLogger("celery.worker.consumer.consumer").addFilter(_QuietToggles())
 
-    @app.task(name=GENERATE_TASK, ignore_result=True)  # type: ignore[untyped-decorator]
-    def generate(payload: dict[str, Any]) -> None:
+    @app.task(name=GENERATE_TASK, ignore_result=True, bind=True)  # type: ignore[untyped-decorator]
+    def generate(task: Any, payload: dict[str, Any]) -> None:
         try:
             job = Job.model_validate(payload)
         except ValidationError as exc:
             logger.error("rejected a malformed job: %d validation errors", exc.error_count())
             return
-        runner.run(job)
+        try:
+            runner.run(job)
+        except Deferred:
+            # Taken between two looks of the intake: back to its queue (the end of its line;
+            # the worker reads that queue again once it may), unclaimed and untouched.
+            logger.debug("job %s: background work deferred", job.job_id)
+            raise task.retry(
+                countdown=0, max_retries=None, argsrepr=f"<job {job.job_id}>", kwargsrepr="{}"
+            ) from None
 
     return app

@@ -7,13 +7,11 @@ This is everything a Celery task does, without Celery, so it can be tested direc
   and is skipped.
 * **Never run late for nobody.** A job picked up after its ``start_deadline`` is answered with
   a ``queue_timeout`` error event instead of being generated.
-* **Background work gives way.** A background job runs only while no interactive job runs
-  here (the worker stops reading the background queue meanwhile, see
-  :mod:`worker.runtime.celery_app`); one that is running when interactive work arrives pauses after
-  its current token — it leaves the engine, keeping its claim and its text — and continues
-  from that text (the handover's continuation) once no interactive job runs here, or at its
-  ``yields_until`` at the latest, so a steady interactive load cannot starve it. This is
-  vLLM's preemption by recompute, at the granularity of one job.
+* **Background work gives way** (:mod:`worker.runtime.yielding`): one that is running when
+  interactive work arrives pauses after its current token — it leaves the engine, keeping
+  its claim and its text — and continues from that text (the handover's continuation) once
+  no interactive job runs here, or at its ``yields_until`` at the latest, so a steady
+  interactive load cannot starve it: vLLM's preemption by recompute, per job.
 * **Every job ends with a terminal event** (``done`` or ``error``), whatever fails, so no
   client waits forever. Error messages never contain the prompt or the answer, and neither
   does any log line: logs name the job id, counts and exception types only.
@@ -24,7 +22,6 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -57,6 +54,7 @@ from worker.runtime.conversation import ConversationWriter
 from worker.runtime.events import EventPublisher, Fenced
 from worker.runtime.lease import LeaseKeeper
 from worker.runtime.token_writer import TokenWriter
+from worker.runtime.yielding import WorkClasses
 
 if TYPE_CHECKING:
     from redis.client import Pipeline
@@ -68,6 +66,10 @@ class _ImageGone(LookupError):
     """An image of the job expired or does not match its digest."""
 
 
+class Deferred(Exception):
+    """Background work that this worker must not start now (see :meth:`JobRunner.run`)."""
+
+
 @dataclass
 class RunnerConfig:
     worker_id: str
@@ -75,9 +77,6 @@ class RunnerConfig:
     conversation_ttl_s: int
     claim_ttl_s: int
     background_slots: int = 1  # most background jobs at once (WORKER_BACKGROUND_SLOTS)
-
-
-PAUSE_CHECK_S = 0.2  # a paused job looks at its cancel flag and lease this often
 
 
 class JobRunner:
@@ -113,29 +112,28 @@ class JobRunner:
             done_ttl_s=config.job_ttl_s,
         )
         self._conversations = ConversationWriter(redis, keys, ttl_s=config.conversation_ttl_s)
-        self.jobs_running = 0  # Celery's threads run jobs at once: counted under a lock
-        self.interactive_running = 0
-        self.background_running = 0
-        self._running_lock = threading.Lock()
-        self._calm = threading.Condition(self._running_lock)  # notified as jobs end
+        # Celery's threads run jobs at once: counted, by class (worker/runtime/yielding.py).
+        self.classes = WorkClasses(config.background_slots, clock)
+
+    @property
+    def jobs_running(self) -> int:
+        return self.classes.running
 
     def accepts_background(self) -> bool:
         """Whether this worker should take background work now (read by the consumer)."""
-        return (
-            self.interactive_running == 0
-            and self.background_running < self._config.background_slots
-        )
-
-    def _count(self, job: Job, step: int) -> None:
-        with self._running_lock:
-            self.jobs_running += step
-            if job.priority == "background":
-                self.background_running += step
-            else:
-                self.interactive_running += step
-            self._calm.notify_all()
+        return self.classes.accepts_background()
 
     def run(self, job: Job) -> None:
+        """Run ``job``; :class:`Deferred` if it is background work this worker must not take
+        now (nothing was done: send it back to its queue)."""
+        if not self.classes.try_start(job):
+            raise Deferred(job.job_id)
+        try:
+            self._run(job)
+        finally:
+            self.classes.ended(job)
+
+    def _run(self, job: Job) -> None:
         if not self._leases.acquire(job.job_id):
             logger.warning("job %s already claimed by another run; skipped", job.job_id)
             return
@@ -158,14 +156,13 @@ class JobRunner:
             job.job_id,
             ttl_s=self._config.job_ttl_s,
             start_seq=last_seq,
-            owner=self._config.worker_id,  # every write checks the claim (worker/runtime/events.py)
+            owner=self._config.worker_id,  # every write checks the claim (runtime/events.py)
             writer=self._writer,
         )
         ref = job.conversation
         if ref is not None:
             pub.on_terminal.append(lambda pipe: self._conversations.release(ref, job.job_id, pipe))
         pub.on_terminal.append(lambda pipe: self._release_held(job, pipe))
-        self._count(job, +1)
         if self._cancels is not None:
             self._cancels.begin(job.job_id)
         unreachable = False  # Redis stayed away longer than the client's retries
@@ -185,7 +182,6 @@ class JobRunner:
                 type(exc).__name__,
             )
         finally:
-            self._count(job, -1)
             if self._cancels is not None:
                 self._cancels.end(job.job_id)
             handed_over = (unreachable or self._leases.lost(job.job_id)) and not pub.terminal_sent
@@ -280,7 +276,7 @@ class JobRunner:
             nonlocal pausing
             if pausing or stopped():  # (a pause, once begun, holds for the engine's last look)
                 return True
-            pausing = self._must_yield(job)
+            pausing = self.classes.must_yield(job)
             return pausing
 
         try:
@@ -301,7 +297,7 @@ class JobRunner:
                     break
                 text = result.text
                 logger.info("job %s pauses for interactive work", job.job_id)
-                self._wait_for_room(job, stopped)
+                self.classes.wait_for_room(job, stopped)
                 if stopped():
                     break  # ends as cancelled (or cut by the time limit) with what it has
                 logger.info("job %s resumes after its pause", job.job_id)
@@ -335,22 +331,6 @@ class JobRunner:
             first_token_at=None if first is None else started + first,
         )
         self._finish(job, pub, result, timing)
-
-    def _must_yield(self, job: Job) -> bool:
-        """Background work gives way while interactive work runs here, until its
-        ``yields_until``."""
-        return (
-            job.priority == "background"
-            and job.yields_until is not None
-            and self.interactive_running > 0
-            and self._clock() < job.yields_until
-        )
-
-    def _wait_for_room(self, job: Job, stopped: Callable[[], bool]) -> None:
-        """Hold a paused job until it need not give way any more, or must stop."""
-        with self._calm:
-            while self._must_yield(job) and not stopped():
-                self._calm.wait(PAUSE_CHECK_S)
 
     def _should_stop(self, job_id: str) -> bool:
         return self._is_cancelled(job_id) or self._leases.lost(job_id)

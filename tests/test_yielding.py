@@ -1,0 +1,63 @@
+"""worker.runtime.yielding: the rules by which background work gives way inside a worker
+(the whole behaviour, on a real stack, is in tests/test_priorities.py)."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from shared.protocol import ChatMessage, Job, TextPart
+from worker.runtime.yielding import WorkClasses
+
+
+def _job(job_id: str, *, background: bool = False, yields_for_s: float = 60.0) -> Job:
+    now = time.time()
+    return Job(
+        job_id=job_id,
+        model="m",
+        messages=[ChatMessage(role="user", content=[TextPart(text="q")])],
+        enqueued_at=now,
+        start_deadline=now + 60,
+        priority="background" if background else "interactive",
+        yields_until=now + yields_for_s if background else None,
+    )
+
+
+def test_background_intake_closes_while_interactive_work_runs_and_when_its_slots_are_full() -> None:
+    classes = WorkClasses(background_slots=1)
+    assert classes.accepts_background()
+    clinician, title = _job("interactive-1"), _job("background-1", background=True)
+    assert classes.try_start(clinician)
+    assert not classes.accepts_background()
+    assert not classes.try_start(title)  # delivered anyway: refused, nothing counted
+    classes.ended(clinician)
+    assert classes.try_start(title)
+    assert not classes.accepts_background()  # its one slot is taken
+    assert not classes.try_start(_job("background-2", background=True))
+    late = _job("background-3", background=True).model_copy(update={"yields_until": 0.0})
+    assert classes.try_start(late)  # waited its share: taken like interactive work
+    assert classes.try_start(_job("interactive-2"))  # interactive work always is
+    for job in (title, late, _job("interactive-2")):
+        classes.ended(job)
+    assert classes.accepts_background() and classes.running == 0
+
+
+def test_background_work_pauses_only_while_interactive_work_runs_and_only_until_its_share() -> None:
+    classes = WorkClasses(background_slots=2)
+    title, late = _job("background-1", background=True), _job("background-2", background=True)
+    late = late.model_copy(update={"yields_until": time.time() - 1})  # waited its share
+    assert not classes.must_yield(title)
+    clinician = _job("interactive-1")
+    assert classes.try_start(clinician)
+    assert classes.must_yield(title) and not classes.must_yield(late)
+    assert not classes.must_yield(clinician)
+    resumed = threading.Event()
+
+    def paused() -> None:
+        classes.wait_for_room(title, stopped=lambda: False)
+        resumed.set()
+
+    threading.Thread(target=paused).start()
+    assert not resumed.wait(0.3)  # held while the clinician's job runs
+    classes.ended(clinician)
+    assert resumed.wait(5)

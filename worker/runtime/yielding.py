@@ -1,0 +1,81 @@
+"""How background work gives way to interactive work inside one worker.
+
+The runner's threads (one per Celery slot) share one :class:`WorkClasses`:
+
+* **Intake** (:meth:`accepts_background`, read by the consumer every few ms, see
+  :mod:`worker.runtime.celery_app`): the worker reads its background queue only while it runs
+  no interactive job and has a background slot free, so interactive work always finds room.
+  The consumer may still take a few messages between two looks: :meth:`try_start` refuses
+  those, and the task sends them back to their queue.
+* **Pause** (:meth:`must_yield`): a running background job stops after its current token
+  while interactive work runs here, and :meth:`wait_for_room` holds it (claim and text kept)
+  until no interactive job is left — or its ``yields_until`` has passed: then it no longer
+  gives way, so nothing starves.
+
+An interactive job does not wait for pausing background work to leave the engine: it joins
+the batch they are in, which is warm. Waiting for them and taking the single-stream path
+measured worse on the CPU (docs/BENCHMARKS.md §11): the first single-stream call after the
+batch ran pays ~0.55 s of re-warming.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+
+from shared.protocol import Job
+
+PAUSE_CHECK_S = 0.2  # a paused job looks at its cancel flag and lease this often
+
+
+class WorkClasses:
+    def __init__(self, background_slots: int, clock: Callable[[], float] = time.time) -> None:
+        self._background_slots = background_slots
+        self._clock = clock
+        self.running = 0
+        self.interactive = 0
+        self.background = 0
+        self._changed = threading.Condition()  # notified whenever a count changes
+
+    def accepts_background(self) -> bool:
+        return self.interactive == 0 and self.background < self._background_slots
+
+    def try_start(self, job: Job) -> bool:
+        """Count ``job`` as running, unless it is background work this worker must not take
+        now (an interactive job runs here, or every background slot is busy): Celery can
+        deliver a few messages between two looks of the intake, so the rule is held here."""
+        with self._changed:
+            if self._yields(job) and not self.accepts_background():
+                return False
+            self._count(job, +1)
+            return True
+
+    def ended(self, job: Job) -> None:
+        self._count(job, -1)
+
+    def _count(self, job: Job, step: int) -> None:
+        with self._changed:  # (re-entrant use from try_start: Condition's default RLock)
+            self.running += step
+            if job.priority == "background":
+                self.background += step
+            else:
+                self.interactive += step
+            self._changed.notify_all()
+
+    def _yields(self, job: Job) -> bool:
+        return (
+            job.priority == "background"
+            and job.yields_until is not None
+            and self._clock() < job.yields_until
+        )
+
+    def must_yield(self, job: Job) -> bool:
+        """Whether ``job`` must pause now: background work while interactive work runs."""
+        return self.interactive > 0 and self._yields(job)
+
+    def wait_for_room(self, job: Job, stopped: Callable[[], bool]) -> None:
+        """Hold a paused job until it need not give way any more, or must stop."""
+        with self._changed:
+            while self.must_yield(job) and not stopped():
+                self._changed.wait(PAUSE_CHECK_S)
