@@ -56,6 +56,19 @@ API_KEYS = (
 )
 
 
+#: Debian's chromium, driven by Playwright's Python package in the browser tests (Playwright's
+#: own browser download is never used), and how they launch it.
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+
 def tiny_entry(name: str, path: str, **serving: Any) -> dict[str, Any]:
     return {
         "model_name": name,

@@ -30,17 +30,8 @@ from typing import Any
 import pytest
 
 from devstack.processes import Proc
-from tests.stack import USER_KEY, Stack, ask
+from tests.stack import CHROMIUM, CHROMIUM_ARGS, USER_KEY, Stack, ask
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 ROOT = Path(__file__).resolve().parent.parent
 SCREENSHOT = ROOT / "artifacts" / "chat-page.png"
 SLOW = "slow-model"

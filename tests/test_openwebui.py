@@ -38,20 +38,11 @@ import pytest
 from devstack.processes import Proc, free_port, wait_for
 from shared.keys import Keys, owner_tag
 from shared.redis_url import sync_redis
-from tests.stack import SERVICE_KEY, Stack, start_stack
+from tests.stack import CHROMIUM, CHROMIUM_ARGS, SERVICE_KEY, Stack, start_stack
 
 ROOT = Path(__file__).resolve().parent.parent
 OPENWEBUI = ROOT / ".venv-openwebui" / "bin" / "open-webui"
 SCREENSHOT = ROOT / "artifacts" / "openwebui-chat.png"  # the second user's page, answered
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = [  # as test_browser.py launches it
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 
 if not os.environ.get("CI"):
     if not OPENWEBUI.exists():
