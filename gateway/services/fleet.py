@@ -70,17 +70,17 @@ async def read_fleet(
     """One view per model of the registry (admin-only models included). Raises RedisError."""
     now = time.time()
     models = registry.models
+    lists = [celery_lists(entry.queue) for entry in models]
     pipe = redis.pipeline(transaction=False)
-    for entry in models:
+    for entry, names in zip(models, lists, strict=True):
         pipe.zrangebyscore(keys.workers(entry.model_name), now - heartbeat_ttl_s, "+inf")
-        for name in celery_lists(entry.queue):
+        for name in names:
             pipe.llen(name)
-    replies = await pipe.execute()
+    replies = iter(await pipe.execute())
     out: list[ModelFleet] = []
-    width = 1 + len(celery_lists(""))  # the zset read, then the queue's lists
-    for i, entry in enumerate(models):
-        ids = [str(x) for x in replies[i * width]]
-        lengths = replies[i * width + 1 : (i + 1) * width]
+    for entry, names in zip(models, lists, strict=True):
+        ids = [str(x) for x in next(replies)]  # the zset read, then the queue's lists
+        lengths = [next(replies) for _ in names]
         out.append(
             ModelFleet(
                 model=entry.model_name,

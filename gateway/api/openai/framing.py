@@ -28,16 +28,36 @@ def _finish_reason(done: DoneEvent) -> str:
     return "length" if done.finish_reason == "length" else "stop"
 
 
-class ChunkWriter:
-    """Formats events as ``chat.completion.chunk`` frames.
+DONE_FRAME = ServerSentEvent(data="[DONE]")
+
+
+def openai_farewell(info: ErrorInfo) -> list[ServerSentEvent]:
+    return [ServerSentEvent(data=json.dumps(ErrorBody(error=info).model_dump())), DONE_FRAME]
+
+
+class ChunkFraming:
+    """:class:`gateway.api.answer.Framing` of ``/v1/chat/completions``: events as
+    ``chat.completion.chunk`` frames, the answer as one ``chat.completion``.
 
     Chunks carry SSE ``id:`` lines (the job's sequence numbers) so a client can resume.
     The official SDKs keep the last id and turn *any* later blank-line-terminated frame
     without data (a keep-alive comment, say) into an event with empty data, which they
     fail to parse as JSON. So once an id has been sent, this stream sends data frames
-    only: no pings (the caller disables them) and no queue comments."""
+    only: no pings and no queue comments. ``opening``: send the role chunk first (a resume
+    after some events has had it already)."""
 
-    def __init__(self, completion_id: str, model: str, created: int, include_usage: bool) -> None:
+    ping_s: float | None = 0.0  # keep-alive comments break the SDKs after an id (see above)
+
+    def __init__(
+        self,
+        completion_id: str,
+        model: str,
+        created: int,
+        include_usage: bool,
+        *,
+        opening: bool = True,
+    ) -> None:
+        self._id, self._model, self._created = completion_id, model, created
         self._base = {
             "id": completion_id,
             "object": "chat.completion.chunk",
@@ -46,6 +66,7 @@ class ChunkWriter:
             "system_fingerprint": None,
         }
         self._include_usage = include_usage
+        self._opening = opening
         self._sent_id = False
 
     def _chunk(self, delta: dict[str, str], finish: str | None, seq: int | None) -> ServerSentEvent:
@@ -58,8 +79,10 @@ class ChunkWriter:
         self._sent_id = self._sent_id or seq is not None
         return ServerSentEvent(data=json.dumps(body), id=None if seq is None else str(seq))
 
-    def first(self) -> ServerSentEvent:
-        return self._chunk({"role": "assistant", "content": ""}, None, None)
+    def first(self) -> Iterable[ServerSentEvent]:
+        if not self._opening:
+            return ()
+        return (self._chunk({"role": "assistant", "content": ""}, None, None),)
 
     def frames(self, event: Relayed) -> Iterable[ServerSentEvent]:
         if isinstance(event, QueuedEvent):  # an SSE comment: OpenAI clients skip it...
@@ -79,35 +102,6 @@ class ChunkWriter:
         body = ErrorBody(error=event.error).model_dump()
         return [ServerSentEvent(data=json.dumps(body), id=str(event.seq))]
 
-
-DONE_FRAME = ServerSentEvent(data="[DONE]")
-
-
-def openai_farewell(info: ErrorInfo) -> list[ServerSentEvent]:
-    return [ServerSentEvent(data=json.dumps(ErrorBody(error=info).model_dump())), DONE_FRAME]
-
-
-class ChunkFraming(ChunkWriter):
-    """:class:`gateway.api.answer.Framing` of ``/v1/chat/completions``. ``opening``: send the
-    role chunk first (a resume after some events has had it already)."""
-
-    ping_s: float | None = 0.0  # see ChunkWriter: keep-alive comments break the SDKs after an id
-
-    def __init__(
-        self,
-        completion_id: str,
-        model: str,
-        created: int,
-        include_usage: bool,
-        *,
-        opening: bool = True,
-    ) -> None:
-        super().__init__(completion_id, model, created, include_usage)
-        self._opening = opening
-
-    def first(self) -> Iterable[ServerSentEvent]:  # type: ignore[override]
-        return (super().first(),) if self._opening else ()
-
     def last(self) -> Iterable[ServerSentEvent]:
         return (DONE_FRAME,)
 
@@ -116,9 +110,9 @@ class ChunkFraming(ChunkWriter):
 
     def body(self, text: str, done: DoneEvent, job_id: str) -> dict[str, Any]:
         return ChatCompletion(
-            id=self._base["id"],
-            created=self._base["created"],
-            model=self._base["model"],
+            id=self._id,
+            created=self._created,
+            model=self._model,
             choices=[
                 Choice(message=ResponseMessage(content=text), finish_reason=_finish_reason(done))
             ],
