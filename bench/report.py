@@ -104,6 +104,12 @@ def _print_cpu(report: dict[str, Any]) -> None:
             "  CPU per token received, us: "
             + "  ".join(f"{name} {v:.1f}" for name, v in per_token.items())
         )
+    system = cpu.get("load", {}).get("system_share")
+    if system:
+        print(
+            "  of which system (kernel) time, %: "
+            + "  ".join(f"{name} {100 * v:.0f}" for name, v in system.items() if v is not None)
+        )
     mem = report.get("gateway_memory_kib")
     if mem:
         print(

@@ -65,13 +65,13 @@ def cpu_busy(sample_s: float = 1.0) -> float | None:
     return 100.0 * (busy1 - busy0) / max(1, total1 - total0)
 
 
-def _proc_jiffies(pid: int) -> int:
-    """utime + stime of one process (and its reaped children: none here), in clock ticks."""
+def _proc_jiffies(pid: int) -> tuple[int, int]:
+    """utime and stime of one process (and its reaped children: none here), in clock ticks."""
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except OSError:
-        return 0
-    return int(fields[11]) + int(fields[12])
+        return 0, 0
+    return int(fields[11]), int(fields[12])
 
 
 class CpuMeter:
@@ -92,7 +92,10 @@ class CpuMeter:
     def stop(self) -> dict[str, Any]:
         wall = time.perf_counter() - self.t0
         busy1, total1 = _cpu_times()
-        used = {pid: max(0, _proc_jiffies(pid) - self.own0[pid]) for pid in self.pids}
+        now = {pid: _proc_jiffies(pid) for pid in self.pids}
+        user = {pid: max(0, now[pid][0] - self.own0[pid][0]) for pid in self.pids}
+        system = {pid: max(0, now[pid][1] - self.own0[pid][1]) for pid in self.pids}
+        used = {pid: user[pid] + system[pid] for pid in self.pids}
         own = sum(used.values())
         total = max(1, total1 - self.total0)
         busy = 100.0 * (busy1 - self.busy0) / total
@@ -107,6 +110,11 @@ class CpuMeter:
             hz = os.sysconf("SC_CLK_TCK")
             out["cores_used"] = {
                 name: used[pid] / hz / wall if wall > 0 else None
+                for name, pid in zip(self.names, self.pids, strict=True)
+            }
+            # The kernel's share: on loopback a socket write also runs the receiver's side.
+            out["system_share"] = {
+                name: system[pid] / used[pid] if used[pid] else None
                 for name, pid in zip(self.names, self.pids, strict=True)
             }
         return out

@@ -201,3 +201,82 @@ def test_live_tokens_that_pile_up_are_joined_and_one_that_keeps_up_is_not(
     assert "".join(t for _, t in piled) == "".join(f"p{i} " for i in range(20))
     assert len(piled) == 3 and [s for s, _ in piled] == [13, 21, 25]  # 8 + 8 + 4
     assert got[-1] == (26, "done")
+
+
+def run_on_resp2(url: str, fn, *, health_check_s: int = 0):  # type: ignore[no-untyped-def]
+    """As the gateway runs it: subscriptions on a RESP2 connection of their own."""
+
+    async def main():  # type: ignore[no-untyped-def]
+        redis = AsyncRedis.from_url(url, decode_responses=True)
+        listen = AsyncRedis.from_url(
+            url, decode_responses=True, protocol=2, health_check_interval=health_check_s
+        )
+        relay = Relay(redis, KEYS, listen=listen)
+        await relay.start()
+        try:
+            return await fn(relay, redis)
+        finally:
+            await relay.stop()
+            await listen.aclose()
+            await redis.aclose()
+
+    return anyio.run(main)
+
+
+def test_a_resp2_subscription_connection_relays_every_event(redis_url: str) -> None:
+    texts = [f"w{i} " for i in range(30)]
+    got = run_on_resp2(
+        redis_url,
+        lambda relay, _r: collect(relay, "job-resp2", publish_first=texts, url=redis_url),
+    )
+    assert [s for s, _ in got] == list(range(1, 32))
+    assert [t for _, t in got[:-1]] == texts
+
+
+def test_a_stream_whose_events_keep_coming_within_the_timeout_never_times_out(
+    redis_url: str,
+) -> None:
+    """Each wait has its own deadline: events 0.15 s apart under a 0.4 s idle timeout go on
+    for 1.5 s, several times the timeout, and end with the job."""
+    pub = EventPublisher(
+        Redis.from_url(redis_url, decode_responses=True), KEYS, "job-steady", ttl_s=60
+    )
+
+    async def steady(relay: Relay, _r: AsyncRedis) -> list[int]:
+        seqs: list[int] = []
+
+        async def produce() -> None:
+            for i in range(10):
+                await anyio.sleep(0.15)
+                pub.token(f"s{i} ")
+            usage = Usage(prompt_tokens=1, completion_tokens=10, total_tokens=11)
+            pub.done("stop", usage, disclaimer=None)
+
+        async with relay.subscribe("job-steady") as sub, anyio.create_task_group() as tg:
+            tg.start_soon(produce)
+            async for ev in relay.events(sub, first_timeout_s=0.4, idle_timeout_s=0.4):
+                seqs.append(ev.seq)
+        return seqs
+
+    assert run_with_relay(redis_url, steady) == list(range(1, 12))
+
+
+def test_the_blocked_subscription_connection_is_still_health_checked(redis_url: str) -> None:
+    """The relay's reader blocks on its connection, so redis-py never gets to ping it; the
+    relay does, once per health-check interval, and the stream after it still works."""
+
+    async def idle_then_stream(relay: Relay, redis: AsyncRedis) -> tuple[list[str], int]:
+        async with relay.subscribe("job-idle"):
+            with anyio.fail_after(10):
+                while True:
+                    subscribed = [
+                        c for c in await redis.client_list() if int(c.get("sub", 0)) > 0
+                    ]
+                    if subscribed and subscribed[0]["cmd"] == "ping":
+                        break
+                    await anyio.sleep(0.1)
+        got = await collect(relay, "job-after-ping", publish_first=["x "], url=redis_url)
+        return [t for _, t in got], len(subscribed)
+
+    texts, conns = run_on_resp2(redis_url, idle_then_stream, health_check_s=1)
+    assert texts == ["x ", "done"] and conns == 1

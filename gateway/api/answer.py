@@ -15,11 +15,12 @@ from typing import Any, Protocol
 
 import anyio
 from fastapi.responses import JSONResponse, Response
-from sse_starlette import EventSourceResponse, ServerSentEvent
+from sse_starlette import EventSourceResponse
 from sse_starlette.sse import AppStatus
 from starlette.background import BackgroundTask
 
 from gateway.api.errors import error_response
+from gateway.api.sse import Frame, StreamResponse
 from gateway.core.errors import status_for
 from gateway.core.settings import GatewaySettings
 from gateway.services.audit import AuditInfo
@@ -41,17 +42,17 @@ class Framing(Protocol):
     #: Seconds between keep-alive comments; None: ``GATEWAY_PING_S``; 0: none.
     ping_s: float | None
 
-    def first(self) -> Iterable[ServerSentEvent]:
+    def first(self) -> Iterable[Frame]:
         """Frames that open the stream, before any event."""
         ...
 
-    def frames(self, event: Relayed) -> Iterable[ServerSentEvent]: ...
+    def frames(self, event: Relayed) -> Iterable[Frame]: ...
 
-    def last(self) -> Iterable[ServerSentEvent]:
+    def last(self) -> Iterable[Frame]:
         """Frames after the terminal event's."""
         ...
 
-    def farewell(self, info: ErrorInfo) -> Iterable[ServerSentEvent]:
+    def farewell(self, info: ErrorInfo) -> Iterable[Frame]:
         """An end the job's log does not hold (the gateway shuts down, Redis stayed away):
         no event id, so a client that resumes continues after the last real event."""
         ...
@@ -75,7 +76,7 @@ def sse_response(
     its own)."""
     bye = anyio.Event()  # set by sse-starlette when uvicorn starts shutting down
 
-    async def frames() -> AsyncIterator[ServerSentEvent]:
+    async def frames() -> AsyncIterator[Frame]:
         finished = False
         try:
             if stream.observer is not None:
@@ -106,7 +107,7 @@ def sse_response(
                 stream.observer.closed()
             await stream.close()
 
-    return EventSourceResponse(
+    return StreamResponse(
         frames(),
         ping=ping_s if framing.ping_s is None else framing.ping_s,
         headers=dict(headers),

@@ -220,6 +220,7 @@ class StreamTimer:
         self._submitted: float | None = None
         self._last_token: float | None = None
         self._open = False
+        self._itl = metrics.itl.labels(model=model)  # (looked up once: it is per token)
 
     def submitted(self, at: float) -> None:
         """The job is on its queue."""
@@ -237,7 +238,7 @@ class StreamTimer:
             if self._last_token is None:
                 self._m.ttft.labels(model=self._model).observe(max(0.0, at - self._started))
             else:
-                self._m.itl.labels(model=self._model).observe(max(0.0, at - self._last_token))
+                self._itl.observe(max(0.0, at - self._last_token))
             self._last_token = at
         elif isinstance(event, DoneEvent):
             self._m.tokens.labels(model=self._model).inc(event.usage.completion_tokens)

@@ -27,9 +27,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import cast
+from typing import Any, cast
 
 from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
@@ -42,6 +43,7 @@ logger = logging.getLogger(__name__)
 
 Event = TokenEvent | DoneEvent | ErrorEvent
 QUEUE_BOUND = 1024
+TIMER_S = 0.1  # how often waiting readers are checked against their deadlines
 
 
 class RelayUnavailable(ConnectionError):
@@ -64,6 +66,10 @@ class Subscription:
     overflowed: bool = False
     broken: bool = False
     interrupted: bool = False
+    #: When the reader, waiting for its next event, gives up (loop time; inf: not waiting).
+    #: The relay's timer task wakes it then: one task for every stream, no timer per event.
+    deadline: float = math.inf
+    timed_out: bool = False
 
     def deliver(self, data: str) -> None:
         try:
@@ -81,6 +87,13 @@ class Subscription:
         self.broken = True
         with contextlib.suppress(asyncio.QueueFull):
             self.queue.put_nowait(None)
+
+    def time_out(self) -> None:
+        """The reader waited past its deadline: wake it to give up."""
+        self.deadline = math.inf
+        self.timed_out = True
+        with contextlib.suppress(asyncio.QueueFull):  # a full queue is read from at once
+            self.queue.put_nowait(_WAKE)
 
     def interrupt(self) -> None:
         """Make :meth:`Relay.events` raise :class:`StreamInterrupted` at its next step."""
@@ -119,13 +132,17 @@ def coalesce(events: list[Event], limit: int) -> list[Event]:
 
 
 class Relay:
-    def __init__(self, redis: Redis, keys: Keys, *, coalesce: int = 0) -> None:
+    def __init__(
+        self, redis: Redis, keys: Keys, *, coalesce: int = 0, listen: Redis | None = None
+    ) -> None:
+        """``listen``: the client whose connection carries the subscriptions (default
+        ``redis``); logs are read through ``redis``."""
         self._redis = redis
         self._keys = keys
         self._coalesce = coalesce  # most waiting token events joined into one (0: never)
-        self._pubsub: PubSub = redis.pubsub()
+        self._pubsub: PubSub = (listen or redis).pubsub()
         self._subs: dict[str, set[Subscription]] = {}
-        self._task: asyncio.Task[None] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
         self._home = f"{keys.prefix}:relay:home"  # keeps the connection subscribed
 
     @property
@@ -134,13 +151,16 @@ class Relay:
 
     async def start(self) -> None:
         await self._pubsub.subscribe(self._home)
-        self._task = asyncio.create_task(self._read(), name="relay-reader")
+        self._tasks = [
+            asyncio.create_task(self._read(), name="relay-reader"),
+            asyncio.create_task(self._time_out(), name="relay-timer"),
+        ]
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
+        for task in self._tasks:
+            task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+                await task
         for subs in self._subs.values():
             for sub in subs:
                 sub.break_()
@@ -148,9 +168,16 @@ class Relay:
             await self._pubsub.aclose()
 
     async def _read(self) -> None:
+        recovering = False
         while True:
             try:
-                msg = await self._pubsub.get_message(timeout=1.0)
+                if recovering:  # redis-py reconnects and subscribes every channel again
+                    msg = await self._pubsub.get_message(timeout=1.0)
+                    recovering = False
+                    if msg is not None:
+                        self._route_confirmation(msg)
+                    continue
+                reply = await self._next_reply()
             except asyncio.CancelledError:
                 raise
             except (RedisError, OSError) as exc:
@@ -158,20 +185,63 @@ class Relay:
                 for subs in list(self._subs.values()):
                     for sub in subs:
                         sub.missed()
+                recovering = True
                 await asyncio.sleep(0.5)
                 continue
-            if msg is None:
+            if reply is None:
                 continue
-            channel = msg["channel"]
-            targets = self._subs.get(channel)
-            if not targets:
+            if reply[0] == "message":  # (the hot path: no dict per message; replies are str)
+                targets = self._subs.get(reply[1])
+                if targets:
+                    for sub in targets:
+                        sub.deliver(reply[2])
                 continue
-            if msg["type"] == "subscribe":
-                for sub in targets:
-                    sub.confirmed.set()
-            elif msg["type"] == "message":
-                for sub in targets:
-                    sub.deliver(msg["data"])
+            # (Un)subscribe confirmations go through redis-py, which keeps its own books.
+            msg = await self._pubsub.handle_message(reply)  # type: ignore[no-untyped-call]
+            if msg is not None:
+                self._route_confirmation(msg)
+
+    async def _next_reply(self) -> list[Any] | None:
+        """The next message on the pub/sub connection, read from the connection itself:
+        ``PubSub.get_message`` wraps each read in a retry loop, a timeout and a health check
+        (a fifth of this process's CPU per relayed token); a failed read is handed to it
+        (``recovering`` above) to reconnect."""
+        conn = self._pubsub.connection
+        if conn is None or not conn.is_connected:
+            raise ConnectionError("the relay's pub/sub connection is closed")
+        reply = await conn.read_response(timeout=math.inf, push_request=True)
+        return reply if isinstance(reply, list) and len(reply) >= 3 else None
+
+    def _route_confirmation(self, msg: dict[str, object]) -> None:
+        targets = self._subs.get(cast(str, msg["channel"]))
+        if not targets:
+            return
+        if msg["type"] == "subscribe":
+            for sub in targets:
+                sub.confirmed.set()
+        elif msg["type"] == "message":
+            for sub in targets:
+                sub.deliver(cast(str, msg["data"]))
+
+    async def _time_out(self) -> None:
+        """Wake the readers that waited past their deadline; keep the connection checked
+        (the reader blocks on it, so redis-py's own health check would never run)."""
+        loop = asyncio.get_running_loop()
+        pinged = loop.time()
+        while True:
+            await asyncio.sleep(TIMER_S)
+            now = loop.time()
+            for subs in list(self._subs.values()):
+                for sub in subs:
+                    if sub.deadline <= now:
+                        sub.time_out()
+            conn = self._pubsub.connection
+            if conn is not None and conn.is_connected and conn.health_check_interval:
+                due = max(conn.next_health_check, pinged + conn.health_check_interval)
+                if now > due:  # a PING; its reply is read as a message (and ignored)
+                    pinged = now
+                    with contextlib.suppress(RedisError, OSError):  # the reader sees it too
+                        await self._pubsub.check_health()
 
     @contextlib.asynccontextmanager
     async def subscribe(
@@ -219,6 +289,7 @@ class Relay:
         :class:`RelayUnavailable` when Redis is lost and :class:`StreamInterrupted` once
         ``sub`` is interrupted.
         """
+        loop = asyncio.get_running_loop()
         last = after_seq
         pending = await self.backfill(sub.job_id, last)
         timeout = first_timeout_s if last == 0 else idle_timeout_s
@@ -239,21 +310,23 @@ class Relay:
                 pending = await self.backfill(sub.job_id, last)
                 if pending:
                     continue
-            try:
-                if sub.queue.empty():  # (asyncio.timeout: no task per event, unlike wait_for)
-                    async with asyncio.timeout(timeout):
-                        data = await sub.queue.get()
-                else:
-                    data = sub.queue.get_nowait()
-            except TimeoutError:
-                # One last look at the log before giving up (covers a dropped subscription).
-                pending = await self.backfill(sub.job_id, last)
-                if pending:
-                    continue
-                raise
+            if sub.queue.empty():
+                sub.timed_out = False
+                sub.deadline = loop.time() + timeout
+                data = await sub.queue.get()
+                sub.deadline = math.inf
+            else:
+                data = sub.queue.get_nowait()
             if data is None:
                 raise RelayUnavailable("the relay has stopped")
             if data == _WAKE:
+                if sub.timed_out and sub.queue.empty():
+                    sub.timed_out = False
+                    # One last look at the log before giving up (a dropped subscription).
+                    pending = await self.backfill(sub.job_id, last)
+                    if pending:
+                        continue
+                    raise TimeoutError
                 continue
             waiting = [decode_event(data)]
             if self._coalesce > 1:  # behind? take what else is already there

@@ -7,30 +7,29 @@ import json
 from collections.abc import Iterable
 from typing import Any
 
-from sse_starlette import ServerSentEvent
-
 from gateway.api.medgemma.protocol import MedGemmaResponse
+from gateway.api.sse import Frame, json_frame
 from gateway.services.supervision import Relayed
 from shared.errors import ErrorBody, ErrorInfo
 from shared.protocol import DoneEvent, QueuedEvent, TokenEvent
 
 
-def seed_farewell(info: ErrorInfo) -> list[ServerSentEvent]:
-    return [ServerSentEvent(data=json.dumps(ErrorBody(error=info).model_dump()), event="error")]
+def seed_farewell(info: ErrorInfo) -> list[Frame]:
+    return [json_frame(json.dumps(ErrorBody(error=info).model_dump()), event="error")]
 
 
-def seed_frame(event: Relayed, model: str, cid: str | None) -> ServerSentEvent:
+def seed_frame(event: Relayed, model: str, cid: str | None) -> Frame:
     """One event in the seed API's SSE format: ``event:`` type, ``id:`` sequence number.
 
     ``queued`` events (place in line while waiting for a worker) carry no id: they are not
     part of the job's log and are not replayed on resume."""
     if isinstance(event, QueuedEvent):
         place = {"position": event.position, "eta_s": event.eta_s}
-        return ServerSentEvent(data=json.dumps(place), event="queued")
-    if isinstance(event, TokenEvent):
-        data: dict[str, object] = {"text": event.text}
-    elif isinstance(event, DoneEvent):
-        data = {
+        return json_frame(json.dumps(place), event="queued")
+    if isinstance(event, TokenEvent):  # (most frames)
+        return json_frame(json.dumps({"text": event.text}), event="token", id=event.seq)
+    if isinstance(event, DoneEvent):
+        data: dict[str, object] = {
             "conversation_id": cid,
             "model": model,
             "finish_reason": event.finish_reason,
@@ -39,7 +38,7 @@ def seed_frame(event: Relayed, model: str, cid: str | None) -> ServerSentEvent:
         }
     else:
         data = ErrorBody(error=event.error).model_dump()
-    return ServerSentEvent(data=json.dumps(data), event=event.type, id=str(event.seq))
+    return json_frame(json.dumps(data), event=event.type, id=event.seq)
 
 
 class SeedFraming:
@@ -51,16 +50,16 @@ class SeedFraming:
         self._model = model
         self._cid = conversation_id
 
-    def first(self) -> Iterable[ServerSentEvent]:
+    def first(self) -> Iterable[Frame]:
         return ()
 
-    def frames(self, event: Relayed) -> Iterable[ServerSentEvent]:
+    def frames(self, event: Relayed) -> Iterable[Frame]:
         return (seed_frame(event, self._model, self._cid),)
 
-    def last(self) -> Iterable[ServerSentEvent]:
+    def last(self) -> Iterable[Frame]:
         return ()
 
-    def farewell(self, info: ErrorInfo) -> Iterable[ServerSentEvent]:
+    def farewell(self, info: ErrorInfo) -> Iterable[Frame]:
         return seed_farewell(info)
 
     def body(self, text: str, done: DoneEvent, job_id: str) -> dict[str, Any]:

@@ -10,6 +10,7 @@ from typing import Any
 from sse_starlette import ServerSentEvent
 
 from gateway.api.openai.protocol import ChatCompletion, Choice, CompletionUsage, ResponseMessage
+from gateway.api.sse import Frame, json_frame
 from gateway.services.supervision import Relayed
 from shared.errors import ErrorBody, ErrorInfo
 from shared.protocol import DoneEvent, QueuedEvent, TokenEvent
@@ -28,11 +29,11 @@ def _finish_reason(done: DoneEvent) -> str:
     return "length" if done.finish_reason == "length" else "stop"
 
 
-DONE_FRAME = ServerSentEvent(data="[DONE]")
+DONE_FRAME = json_frame("[DONE]")
 
 
-def openai_farewell(info: ErrorInfo) -> list[ServerSentEvent]:
-    return [ServerSentEvent(data=json.dumps(ErrorBody(error=info).model_dump())), DONE_FRAME]
+def openai_farewell(info: ErrorInfo) -> list[Frame]:
+    return [json_frame(json.dumps(ErrorBody(error=info).model_dump())), DONE_FRAME]
 
 
 class ChunkFraming:
@@ -69,7 +70,7 @@ class ChunkFraming:
         self._opening = opening
         self._sent_id = False
 
-    def _chunk(self, delta: dict[str, str], finish: str | None, seq: int | None) -> ServerSentEvent:
+    def _chunk(self, delta: dict[str, str], finish: str | None, seq: int | None) -> bytes:
         body: dict[str, object] = {
             **self._base,
             "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
@@ -77,35 +78,35 @@ class ChunkFraming:
         if self._include_usage:
             body["usage"] = None
         self._sent_id = self._sent_id or seq is not None
-        return ServerSentEvent(data=json.dumps(body), id=None if seq is None else str(seq))
+        return json_frame(json.dumps(body), id=seq)
 
-    def first(self) -> Iterable[ServerSentEvent]:
+    def first(self) -> Iterable[Frame]:
         if not self._opening:
             return ()
         return (self._chunk({"role": "assistant", "content": ""}, None, None),)
 
-    def frames(self, event: Relayed) -> Iterable[ServerSentEvent]:
+    def frames(self, event: Relayed) -> Iterable[Frame]:
+        if isinstance(event, TokenEvent):  # (most frames)
+            return (self._chunk({"content": event.text}, None, event.seq),)
         if isinstance(event, QueuedEvent):  # an SSE comment: OpenAI clients skip it...
             if self._sent_id:  # ...unless an id was sent before (see the class docstring)
                 return []
             return [
                 ServerSentEvent(comment=f"queued position={event.position} eta_s={event.eta_s}")
             ]
-        if isinstance(event, TokenEvent):
-            return [self._chunk({"content": event.text}, None, event.seq)]
         if isinstance(event, DoneEvent):
-            out = [self._chunk({}, _finish_reason(event), event.seq)]
+            out: list[Frame] = [self._chunk({}, _finish_reason(event), event.seq)]
             if self._include_usage:
                 usage = {**self._base, "choices": [], "usage": _usage(event)}
-                out.append(ServerSentEvent(data=json.dumps(usage)))
+                out.append(json_frame(json.dumps(usage)))
             return out
         body = ErrorBody(error=event.error).model_dump()
-        return [ServerSentEvent(data=json.dumps(body), id=str(event.seq))]
+        return [json_frame(json.dumps(body), id=event.seq)]
 
-    def last(self) -> Iterable[ServerSentEvent]:
+    def last(self) -> Iterable[Frame]:
         return (DONE_FRAME,)
 
-    def farewell(self, info: ErrorInfo) -> Iterable[ServerSentEvent]:
+    def farewell(self, info: ErrorInfo) -> Iterable[Frame]:
         return openai_farewell(info)
 
     def body(self, text: str, done: DoneEvent, job_id: str) -> dict[str, Any]:
