@@ -269,9 +269,7 @@ def test_the_blocked_subscription_connection_is_still_health_checked(redis_url: 
         async with relay.subscribe("job-idle"):
             with anyio.fail_after(10):
                 while True:
-                    subscribed = [
-                        c for c in await redis.client_list() if int(c.get("sub", 0)) > 0
-                    ]
+                    subscribed = [c for c in await redis.client_list() if int(c.get("sub", 0)) > 0]
                     if subscribed and subscribed[0]["cmd"] == "ping":
                         break
                     await anyio.sleep(0.1)
