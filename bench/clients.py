@@ -182,23 +182,40 @@ async def stream_openai(
     return await _timed_sse(client, "/v1/chat/completions", body, index, t0, _openai_event)
 
 
-_TOKEN_EVENT = b"event: token"
-_DONE_EVENT = b"event: done"
-_ERROR_EVENT = b"event: error"
+@dataclass(frozen=True)
+class Markers:
+    """What the lean client looks for in one API's stream: a token frame, the frame that ends
+    the answer (its usage is parsed), an error frame."""
+
+    token: bytes
+    end: bytes
+    error: bytes
+
+
+#: ``/medgemma``: ``event: token`` ... ``event: done`` (with usage) or ``event: error``.
+SEED_MARKERS = Markers(token=b"event: token", end=b"event: done", error=b"event: error")
+#: ``/v1/chat/completions`` with ``include_usage``: content chunks, then the usage chunk.
+OPENAI_MARKERS = Markers(token=b'"delta": {"content"', end=b'"usage": {', error=b'"error": {')
 _COMPLETION_TOKENS = re.compile(rb'"completion_tokens":\s*(\d+)')
 
 
 async def stream_counted(
-    session: aiohttp.ClientSession, url: str, body: dict[str, Any], index: int, t0: float
+    session: aiohttp.ClientSession,
+    url: str,
+    body: dict[str, Any],
+    index: int,
+    t0: float,
+    markers: Markers = SEED_MARKERS,
 ) -> RequestResult:
-    """POST /medgemma and count its events per network read, without parsing them.
+    """POST a streamed turn and count its token frames per network read, without parsing.
 
     For relay capacity (``--lean-client``): thousands of streams and tens of thousands of
     events per second from one client process. aiohttp's C parser undoes the HTTP framing;
-    each read is searched for event names only. Events that arrive in one read share its
-    time (their gaps count as 0, as with the parsing client). A token event may carry several
+    each read is searched for ``markers`` only. Frames that arrive in one read share its
+    time (their gaps count as 0, as with the parsing client). A token frame may carry several
     tokens (joined when the worker or the gateway fell behind), so completion tokens are read
-    from the ``done`` event's usage, the one event that is parsed; the text is not checked."""
+    from the usage of the frame that ends the answer, the one frame that is parsed; the text
+    is not checked."""
     sent = time.perf_counter()
     res = RequestResult(index=index, started_s=sent - t0, sent_at=time.time())
     last: float | None = None
@@ -215,7 +232,7 @@ async def stream_counted(
             async for chunk in resp.content.iter_any():
                 now = time.perf_counter()
                 data = tail + chunk
-                n = data.count(_TOKEN_EVENT)
+                n = data.count(markers.token)
                 if n:
                     if last is None:
                         res.ttft_s = now - sent
@@ -226,14 +243,14 @@ async def stream_counted(
                     res.token_events += n
                 if res.e2e_s is not None:
                     ending += chunk
-                elif _DONE_EVENT in data or _ERROR_EVENT in data:
+                elif markers.end in data or markers.error in data:
                     res.e2e_s = now - sent
-                    res.ok = _DONE_EVENT in data
+                    res.ok = markers.end in data
                     res.error_code = None if res.ok else "error_event"
-                    ending = data[data.find(_DONE_EVENT if res.ok else _ERROR_EVENT) :]
+                    ending = data[data.find(markers.end if res.ok else markers.error) :]
                     # Read on to the end of the response, so the connection is reused.
                 # An event name may straddle two reads: keep fewer bytes than a whole one.
-                tail = data[-(len(_TOKEN_EVENT) - 1) :]
+                tail = data[-(len(markers.token) - 1) :]
             if res.e2e_s is not None:
                 used = _COMPLETION_TOKENS.search(ending)
                 res.completion_tokens = int(used.group(1)) if used else res.token_events

@@ -21,7 +21,14 @@ from typing import Any
 import aiohttp
 import httpx
 
-from bench.clients import RequestResult, stream_counted, stream_one, stream_openai
+from bench.clients import (
+    OPENAI_MARKERS,
+    SEED_MARKERS,
+    RequestResult,
+    stream_counted,
+    stream_one,
+    stream_openai,
+)
 from bench.stats import describe
 from bench.workload import arrival_gaps
 
@@ -73,21 +80,23 @@ async def _run_load_counted(
     args: argparse.Namespace, body: dict[str, Any], conc: int, headers: dict[str, str]
 ) -> Results:
     """:func:`run_load` with :func:`stream_counted` (closed loop only)."""
-    url = f"{args.base_url}/medgemma"
+    openai = args.api == "openai"
+    url = f"{args.base_url}/v1/chat/completions" if openai else f"{args.base_url}/medgemma"
+    markers = OPENAI_MARKERS if openai else SEED_MARKERS
     timeout = aiohttp.ClientTimeout(total=args.request_timeout, connect=10.0)
     connector = aiohttp.TCPConnector(limit=conc + 1)
     async with aiohttp.ClientSession(
         headers=headers, timeout=timeout, connector=connector
     ) as session:
         warm = [
-            await stream_counted(session, url, body, -1 - i, time.perf_counter())
+            await stream_counted(session, url, body, -1 - i, time.perf_counter(), markers)
             for i in range(args.warmup)
         ]
         results: list[RequestResult] = []
         t0 = time.perf_counter()
 
         async def one(i: int) -> None:
-            results.append(await stream_counted(session, url, body, i, t0))
+            results.append(await stream_counted(session, url, body, i, t0, markers))
 
         # Clients start spread over --ramp-up seconds, so a thousand streams do not all
         # arrive in the same millisecond.

@@ -74,9 +74,17 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--hf-dtype", default="float32", help="transformers serve's --dtype (auto, bfloat16 ...)"
     )
     p.add_argument(
+        "--pin-gateway",
+        type=lambda v: {int(c) for c in v.split(",")},
+        default=None,
+        metavar="CPUS",
+        help="--spawn-stack: run the gateway on these CPUs (e.g. 0) and everything else, "
+        "this client included, on the others",
+    )
+    p.add_argument(
         "--lean-client",
         action="store_true",
-        help="count events per network read instead of parsing them (aiohttp; /medgemma, "
+        help="count token frames per network read instead of parsing them (aiohttp; either API, "
         "closed loop): for relay capacity with thousands of streams",
     )
     p.add_argument(
@@ -130,8 +138,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         p.error("--num-requests must be at least 1")
     if args.concurrency is not None and args.concurrency < 1:
         p.error("--concurrency must be at least 1")
-    if args.lean_client and (args.api != "medgemma" or args.request_rate is not None):
-        p.error("--lean-client drives /medgemma in a closed loop only")
+    if args.pin_gateway is not None and args.spawn_stack is None:
+        p.error("--pin-gateway needs --spawn-stack")
+    if args.lean_client and args.request_rate is not None:
+        p.error("--lean-client drives a closed loop only")
     if args.vs_transformers_serve and args.api != "openai":
         p.error("--vs-transformers-serve compares the OpenAI API: add --api openai")
     if args.workers < 1 or args.worker_concurrency < 1:

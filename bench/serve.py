@@ -96,7 +96,14 @@ from bench.options import parse_args  # noqa: E402
 from bench.report import per_request_rows, print_report, write_report  # noqa: E402
 from bench.spawn import SpawnedStack, machine_info, source_info, temp_workdir  # noqa: E402
 from bench.stages import breakdown_from_redis  # noqa: E402
-from bench.stats import CpuMeter, cpu_busy, cpu_per_token, memory_kib, wait_quiet  # noqa: E402
+from bench.stats import (  # noqa: E402
+    CpuMeter,
+    cpu_busy,
+    cpu_per_token,
+    memory_kib,
+    pin,
+    wait_quiet,
+)
 from bench.workload import request_body, synthetic_prompt  # noqa: E402
 from shared.registry import Registry  # noqa: E402
 
@@ -167,6 +174,11 @@ def _stack_phase(
             stack = SpawnedStack(spawn[0], spawn[1], workdir, args)
             args.base_url = stack.base_url
             report["spawned_stack_ready_s"] = time.perf_counter() - started
+            if args.pin_gateway is not None:  # the gateway alone on its core(s)
+                rest = set(os.sched_getaffinity(0)) - args.pin_gateway
+                for name, pid in {"client": os.getpid(), **stack.named_pids()}.items():
+                    pin(pid, args.pin_gateway if name == "gateway" else rest)
+                report["pinned"] = {"gateway": sorted(args.pin_gateway), "rest": sorted(rest)}
         print(f"load: {args.num_requests} requests, {mode}, on {args.base_url}", flush=True)
         wait_quiet(args.quiet_cpu, args.quiet_timeout, "the HTTP load")
         named = {"client": os.getpid()}

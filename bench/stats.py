@@ -154,3 +154,10 @@ def wait_quiet(max_busy: float | None, timeout_s: float, what: str) -> None:
             print(f"CPU still {busy:.0f}% busy before {what}; going on", file=sys.stderr)
             return
         time.sleep(2)
+
+
+def pin(pid: int, cpus: set[int]) -> None:
+    """Run every thread of ``pid`` on ``cpus`` only (threads it starts later inherit it)."""
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(ProcessLookupError):  # a thread that has just ended
+            os.sched_setaffinity(int(task.name), cpus)
