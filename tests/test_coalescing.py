@@ -1,18 +1,25 @@
 """Coalesced token events on the real stack: a worker that produces tokens faster than one
 Redis round trip each joins them into fewer, bigger events. What clients see must not change:
-the official SDK parses the chunks, the text and the usage are exact, and a resume after a
-joined event's id continues exactly after it."""
+the official SDK parses the chunks, the text and the usage are exact, a resume after a
+joined event's id continues exactly after it, and a client that falls behind gets what waited
+for it joined, with nothing lost."""
 
 from __future__ import annotations
 
 import json
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import openai
 import pytest
 from httpx_sse import connect_sse
 
+from devstack.processes import wait_for
+from shared.keys import Keys
+from shared.protocol import decode_event
+from shared.redis_url import sync_redis
 from tests.stack import USER_KEY, Stack, ask, events_of, start_stack
 
 pytestmark = pytest.mark.integration
@@ -75,3 +82,44 @@ def test_a_resume_after_a_joined_event_continues_exactly(fast: Stack) -> None:
     ids = [int(last_id)] + [int(e.id) for e in rest]
     assert ids == sorted(set(ids))  # a joined frame carries the id of its last event
     assert len(seen) + len(rest) - 1 < TOKENS
+
+
+def _frames(raw: str) -> list[dict[str, str]]:
+    """The SSE frames of a response body: each a dict of its fields."""
+    frames = []
+    for block in raw.replace("\r\n", "\n").split("\n\n"):
+        fields = dict(line.split(": ", 1) for line in block.split("\n") if ": " in line)
+        if fields:
+            frames.append(fields)
+    return frames
+
+
+def test_a_client_that_falls_behind_gets_joined_frames_and_loses_nothing(fast: Stack) -> None:
+    """The client reads nothing (a 4 KiB receive window) until the worker has written the
+    whole answer, so the gateway's sends back up and the events pile up in its relay; then
+    it reads everything: the exact text and usage, in frames that join several events (their
+    ids skip), never more tokens per frame than the cap allows."""
+    redis = sync_redis(fast.redis_url, decode_responses=True)
+    small_window = httpx.HTTPTransport(socket_options=[(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)])
+    headers = {"Authorization": f"Bearer {USER_KEY}"}
+    with (
+        httpx.Client(
+            base_url=fast.base_url, headers=headers, transport=small_window, timeout=60
+        ) as c,
+        c.stream("POST", "/medgemma", json=ask("long", model="fast-model")) as resp,
+    ):
+        log = Keys().job_log(resp.headers["x-job-id"])
+
+        def written() -> bool:
+            return any(decode_event(f["e"]).type == "done" for _, f in redis.xrange(log))
+
+        wait_for(written, 60, "the worker to write the whole answer")
+        frames = _frames(resp.read().decode())
+    assert frames[-1]["event"] == "done"
+    assert json.loads(frames[-1]["data"])["usage"]["completion_tokens"] == TOKENS
+    texts = [json.loads(f["data"])["text"] for f in frames if f["event"] == "token"]
+    assert "".join(texts) == WHOLE  # nothing lost, nothing repeated
+    ids = [int(f["id"]) for f in frames]
+    assert ids == sorted(set(ids))
+    logged = len(redis.xrange(log))
+    assert len(frames) < logged  # the gateway joined events that waited for this client
