@@ -9,6 +9,7 @@ SIGTERM reaches Celery, which then finishes running jobs before it exits.
 
 from __future__ import annotations
 
+import gc
 import logging
 import sys
 import time
@@ -134,6 +135,12 @@ def main() -> int:
         device, quantization = loaded.device, loaded.quantization_label
     # Compile and capture now: the worker announces itself only once Celery consumes.
     engine.warmup()
+    # What is loaded and compiled by now lives as long as the process (~850k objects for the
+    # demo model): keep it out of the collector's full scans. transformers' batch manager runs
+    # one at every stop (between batches on a CPU), which held the GIL for ~0.44 s here, and
+    # the single-stream job that followed a batch paid it in its first token.
+    gc.collect()
+    gc.freeze()
     # Every job thread shares these clients: one connection each at most, plus the cancel
     # listener, heartbeat, lease and token-writer threads.
     pool = settings.worker_concurrency + 5
