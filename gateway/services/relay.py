@@ -43,7 +43,7 @@ logger = logging.getLogger(__name__)
 
 Event = TokenEvent | DoneEvent | ErrorEvent
 QUEUE_BOUND = 1024
-TIMER_S = 0.1  # how often waiting readers are checked against their deadlines
+PING_CHECK_S = 1.0  # how often the subscription connection's health check is looked at
 
 
 class RelayUnavailable(ConnectionError):
@@ -66,10 +66,12 @@ class Subscription:
     overflowed: bool = False
     broken: bool = False
     interrupted: bool = False
-    #: When the reader, waiting for its next event, gives up (loop time; inf: not waiting).
-    #: The relay's timer task wakes it then: one task for every stream, no timer per event.
-    deadline: float = math.inf
-    timed_out: bool = False
+    # The reader's timeout: one timer per stream, not one per event. While events flow it
+    # fires once per timeout and moves itself to the current wait's deadline.
+    timed_out: bool = False  # the reader waited longer than its timeout
+    waiting_since: float | None = None  # loop time the reader began its current wait
+    timeout: float = 0.0
+    timer: asyncio.TimerHandle | None = None
 
     def deliver(self, data: str) -> None:
         try:
@@ -88,9 +90,33 @@ class Subscription:
         with contextlib.suppress(asyncio.QueueFull):
             self.queue.put_nowait(None)
 
+    def wait_from(self, now: float, timeout: float, loop: asyncio.AbstractEventLoop) -> None:
+        """The reader starts waiting for its next event, for at most ``timeout`` seconds."""
+        self.timed_out = False
+        self.waiting_since, self.timeout = now, timeout
+        if self.timer is not None and self.timer.when() > now + timeout:
+            self.stop_timer()  # (set for a longer timeout than this wait's)
+        if self.timer is None:
+            self.timer = loop.call_at(now + timeout, self._timer_fired, loop)
+
+    def _timer_fired(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.timer = None
+        if self.waiting_since is None:  # not waiting: the next wait sets a timer again
+            return
+        deadline = self.waiting_since + self.timeout
+        if loop.time() >= deadline:
+            self.time_out()
+        else:  # events came since it was set: move it to this wait's deadline
+            self.timer = loop.call_at(deadline, self._timer_fired, loop)
+
+    def stop_timer(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
     def time_out(self) -> None:
-        """The reader waited past its deadline: wake it to give up."""
-        self.deadline = math.inf
+        """The reader waited longer than its timeout: wake it to give up."""
+        self.waiting_since = None
         self.timed_out = True
         with contextlib.suppress(asyncio.QueueFull):  # a full queue is read from at once
             self.queue.put_nowait(_WAKE)
@@ -153,7 +179,7 @@ class Relay:
         await self._pubsub.subscribe(self._home)
         self._tasks = [
             asyncio.create_task(self._read(), name="relay-reader"),
-            asyncio.create_task(self._time_out(), name="relay-timer"),
+            asyncio.create_task(self._keep_checked(), name="relay-health-check"),
         ]
 
     async def stop(self) -> None:
@@ -223,25 +249,21 @@ class Relay:
             for sub in targets:
                 sub.deliver(cast(str, msg["data"]))
 
-    async def _time_out(self) -> None:
-        """Wake the readers that waited past their deadline; keep the connection checked
-        (the reader blocks on it, so redis-py's own health check would never run)."""
+    async def _keep_checked(self) -> None:
+        """Ping the subscription connection once per health-check interval: the reader
+        blocks on it, so redis-py's own check (made before a read) would never run."""
         loop = asyncio.get_running_loop()
         pinged = loop.time()
         while True:
-            await asyncio.sleep(TIMER_S)
-            now = loop.time()
-            for subs in list(self._subs.values()):
-                for sub in subs:
-                    if sub.deadline <= now:
-                        sub.time_out()
+            await asyncio.sleep(PING_CHECK_S)
             conn = self._pubsub.connection
-            if conn is not None and conn.is_connected and conn.health_check_interval:
-                due = max(conn.next_health_check, pinged + conn.health_check_interval)
-                if now > due:  # a PING; its reply is read as a message (and ignored)
-                    pinged = now
-                    with contextlib.suppress(RedisError, OSError):  # the reader sees it too
-                        await self._pubsub.check_health()
+            if conn is None or not conn.is_connected or not conn.health_check_interval:
+                continue
+            now = loop.time()
+            if now > max(conn.next_health_check, pinged + conn.health_check_interval):
+                pinged = now  # its reply is read as a message (and ignored)
+                with contextlib.suppress(RedisError, OSError):  # the reader sees it too
+                    await self._pubsub.check_health()
 
     @contextlib.asynccontextmanager
     async def subscribe(
@@ -260,6 +282,7 @@ class Relay:
                 sub.confirmed.set()
             yield sub
         finally:
+            sub.stop_timer()
             remaining = self._subs.get(channel)
             if remaining is not None:
                 remaining.discard(sub)
@@ -311,10 +334,12 @@ class Relay:
                 if pending:
                     continue
             if sub.queue.empty():
-                sub.timed_out = False
-                sub.deadline = loop.time() + timeout
+                # (asyncio.timeout per wait cost ~7% of the CPU per relayed token, a timer
+                # handle per wait ~15%; one timer task for every stream fired a whole tick's
+                # timeouts at once, and their log reads emptied the Redis pool.)
+                sub.wait_from(loop.time(), timeout, loop)
                 data = await sub.queue.get()
-                sub.deadline = math.inf
+                sub.waiting_since = None
             else:
                 data = sub.queue.get_nowait()
             if data is None:
