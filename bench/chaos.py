@@ -831,7 +831,10 @@ class ClientLoop(threading.Thread):
                     {"headers": {"Last-Event-ID": str(progress.last)}},
                 )
             else:
-                method, url, kwargs = "POST", path, {"json": body}
+                # This client comes back for the rest of a stream it left or lost, so it says
+                # so: an OpenAI stream is otherwise cancelled the moment its client leaves.
+                resumable = {"X-Resumable": "true"} if path.startswith("/v1/") else {}
+                method, url, kwargs = "POST", path, {"json": body, "headers": resumable}
             stop_at = None if acted or act_at is None else act_at
             try:
                 rec.connections += 1

@@ -153,6 +153,7 @@ class _Watch:
     place: tuple[int, float] | None = None
     outage_since: float | None = None
     promoted: bool = False  # background work sent again as interactive (or found running)
+    sent_at: float = 0.0  # wall time the gateway last handed the job over (0: never)
 
 
 class Supervisor:
@@ -255,8 +256,12 @@ class Supervisor:
                     "The worker stopped responding in the middle of this answer.",
                 )
             return None
-        if w.phase is Phase.RUNNING:  # the claim lapsed without a terminal event
+        # The claim lapsed without a terminal event, or came and went unseen: a worker took
+        # the job and lost it between two looks (a lease lost under overload, say).
+        if w.phase is Phase.RUNNING or await self._taken_unseen(w):
+            sent_at = time.time()
             outcome = await self._hand_over(w.job_id, w.owner)
+            w.sent_at = sent_at
             if isinstance(outcome, str):
                 return await self._end(w, "", ErrorCode.WORKER_LOST, outcome)
             w.phase, w.progressing, w.place = Phase.HANDED_OVER, False, None
@@ -270,6 +275,13 @@ class Supervisor:
                 "No worker started this request in time. Try again later.",
             )
         return await self._place_in_line(w)
+
+    async def _taken_unseen(self, w: _Watch) -> bool:
+        """A worker took the job since it was last sent (``record_start``), yet no claim."""
+        meta = await self._jobs.meta(w.job_id)
+        starts = None if meta is None else self._keys.queue_starts(meta.model)
+        taken = None if starts is None else await self._redis.zscore(starts, w.job_id)
+        return taken is not None and float(taken) >= w.sent_at
 
     async def _place_in_line(self, w: _Watch) -> QueuedEvent | None:
         try:
