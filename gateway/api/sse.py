@@ -3,8 +3,8 @@
 * :func:`json_frame` writes a frame whose data is one JSON document. sse-starlette's
   ``ServerSentEvent.encode`` builds each frame through a ``StringIO`` and three regular
   expressions, for data of any shape; JSON never holds a raw line break (``json.dumps``
-  escapes them), so a token frame needs none of that. Rare frames (comments, errors) stay
-  ``ServerSentEvent``.
+  escapes them), so a frame needs none of that. Only comments (the OpenAI stream's place in
+  line) stay ``ServerSentEvent``.
 * :class:`StreamResponse` is sse-starlette's response without a cancel scope around each
   send when no send timeout is set: anyio's ``move_on_after(None)`` still enters and leaves a
   scope (and asks sniffio which event loop runs) for every frame, about 7% of the gateway's

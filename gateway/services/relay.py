@@ -334,9 +334,9 @@ class Relay:
                 if pending:
                     continue
             if sub.queue.empty():
-                # (asyncio.timeout per wait cost ~7% of the CPU per relayed token, a timer
-                # handle per wait ~15%; one timer task for every stream fired a whole tick's
-                # timeouts at once, and their log reads emptied the Redis pool.)
+                # (asyncio.timeout per wait cost ~7% of the CPU per relayed token; one timer
+                # task for every stream fired a whole tick's timeouts at once, and their log
+                # reads emptied the Redis pool.)
                 sub.wait_from(loop.time(), timeout, loop)
                 data = await sub.queue.get()
                 sub.waiting_since = None

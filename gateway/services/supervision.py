@@ -256,17 +256,8 @@ class Supervisor:
                     "The worker stopped responding in the middle of this answer.",
                 )
             return None
-        # The claim lapsed without a terminal event, or came and went unseen: a worker took
-        # the job and lost it between two looks (a lease lost under overload, say).
-        if w.phase is Phase.RUNNING or await self._taken_unseen(w):
-            sent_at = time.time()
-            outcome = await self._hand_over(w.job_id, w.owner)
-            w.sent_at = sent_at
-            if isinstance(outcome, str):
-                return await self._end(w, "", ErrorCode.WORKER_LOST, outcome)
-            w.phase, w.progressing, w.place = Phase.HANDED_OVER, False, None
-            w.deadline = now + outcome
-            return None
+        if w.phase is Phase.RUNNING:  # the claim lapsed without a terminal event
+            return await self._lapsed(w, now)
         if now > w.deadline:
             return await self._end(
                 w,
@@ -274,16 +265,24 @@ class Supervisor:
                 ErrorCode.WORKER_TIMEOUT,
                 "No worker started this request in time. Try again later.",
             )
-        return await self._place_in_line(w)
+        return await self._waiting(w, now)
 
-    async def _taken_unseen(self, w: _Watch) -> bool:
-        """A worker took the job since it was last sent (``record_start``), yet no claim."""
-        meta = await self._jobs.meta(w.job_id)
-        starts = None if meta is None else self._keys.queue_starts(meta.model)
-        taken = None if starts is None else await self._redis.zscore(starts, w.job_id)
-        return taken is not None and float(taken) >= w.sent_at
+    async def _lapsed(self, w: _Watch, now: float) -> ErrorEvent | None:
+        """The job's claim lapsed without a terminal event: hand it over, or end it."""
+        sent_at = time.time()
+        outcome = await self._hand_over(w.job_id, w.owner)
+        w.sent_at = sent_at
+        if isinstance(outcome, str):
+            return await self._end(w, "", ErrorCode.WORKER_LOST, outcome)
+        w.phase, w.progressing, w.place = Phase.HANDED_OVER, False, None
+        w.deadline = now + outcome
+        return None
 
-    async def _place_in_line(self, w: _Watch) -> QueuedEvent | None:
+    async def _waiting(self, w: _Watch, now: float) -> QueuedEvent | ErrorEvent | None:
+        """A job with no claim: its place in line when it changed. Out of line, a worker may
+        have taken it and lost it between two looks (a lease lost under overload, say): its
+        start record (``record_start``) since it was last sent says so, a lapsed claim."""
+        taken = None
         try:
             meta = await self._jobs.meta(w.job_id)
             if meta and meta.yields_until is not None and not w.promoted:
@@ -291,8 +290,13 @@ class Supervisor:
                     await self._jobs.promote(w.job_id)
                     w.promoted = True
             where = await self._jobs.book.position(meta.model, w.job_id) if meta else None
+            if meta is not None and where is None:
+                starts = self._keys.queue_starts(meta.model)
+                taken = await self._redis.zscore(starts, w.job_id)
         except (RedisError, OSError):
             return None  # only the place in line is unknown; the wait goes on
+        if taken is not None and float(taken) >= w.sent_at:
+            return await self._lapsed(w, now)
         if where is None or where == w.place:
             return None
         w.place = where

@@ -19,7 +19,7 @@ from huggingface_hub import get_token, snapshot_download
 from huggingface_hub.errors import IncompleteSnapshotError, LocalEntryNotFoundError
 
 from shared.registry import ModelEntry, Registry
-from worker.setup.download import validate_checkpoint
+from worker.setup.download import entry_source, validate_checkpoint
 from worker.setup.machine import (
     KNOWN_REPOS,
     OVERHEAD,
@@ -38,18 +38,6 @@ from worker.weights.errors import ModelLoadError, short
 from worker.weights.hub import HUB_ALLOW_PATTERNS, hf_token_from_env
 from worker.weights.loader import resolve_device, torch_dtype
 from worker.weights.sources import package_file
-
-
-def _entry_source(entry: ModelEntry, registry: Registry) -> str:
-    s = entry.serving
-    if s.engine == "loadtest":
-        return "the load-test engine (no weights)"
-    if s.repo_id is not None:
-        return f"hub repo {s.repo_id} (revision {s.revision or 'main'})"
-    if s.path is not None:
-        return f"local path {registry.resolve_path(s.path)}"
-    assert s.package_file is not None
-    return f"file {s.package_file.file} of the Python package {s.package_file.package}"
 
 
 def _version_of(dist: str) -> str | None:
@@ -75,7 +63,7 @@ def run_check(
 
     s = entry.serving
     report.ok(
-        "registry", f"{entry.model_name} in {registry.source}: {_entry_source(entry, registry)}"
+        "registry", f"{entry.model_name} in {registry.source}: {entry_source(entry, registry)}"
     )
     report.ok("python", f"{platform.python_version()} ({sys.executable})")
     cuda_build = f"CUDA {torch.version.cuda} build" if torch.version.cuda else "CPU-only build"

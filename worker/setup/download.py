@@ -24,6 +24,19 @@ from worker.weights.hub import HUB_ALLOW_PATTERNS, download_snapshot, hub_offlin
 from worker.weights.sources import DEFAULT_CACHE_ROOT, package_file
 
 
+def entry_source(entry: ModelEntry, registry: Registry | None = None) -> str:
+    """Where an entry's weights come from, in words (a local path resolved by ``registry``)."""
+    s = entry.serving
+    if s.engine == "loadtest":
+        return "the load-test engine (no weights)"
+    if s.repo_id is not None:
+        return f"hub repo {s.repo_id} (revision {s.revision or 'main'})"
+    if s.path is not None:
+        return f"local path {registry.resolve_path(s.path) if registry else s.path}"
+    assert s.package_file is not None
+    return f"file {s.package_file.file} of the Python package {s.package_file.package}"
+
+
 def download_hint(entry: ModelEntry) -> str:
     return (
         f"downloads need network: run `medgemma setup download --model {entry.model_name}` on a "

@@ -15,7 +15,7 @@ from huggingface_hub.errors import OfflineModeIsEnabled
 
 from shared.registry import ModelEntry
 from worker.setup.credentials import Token
-from worker.setup.download import download_hint
+from worker.setup.download import download_hint, entry_source
 from worker.setup.report import Report
 from worker.weights.hub import hub_offline, with_deadline
 from worker.weights.hub_errors import TOKENS_PAGE, HubCall, explain
@@ -62,7 +62,7 @@ def run_token(
         if repo_id is None:
             report.warn("token", detail)
             report.ok(
-                "model", f"{entry.model_name} loads from {_source_for(entry)}: no token needed"
+                "model", f"{entry.model_name} loads from {entry_source(entry)}: no token needed"
             )
             return
         report.fail(
@@ -94,7 +94,7 @@ def run_token(
     role = info.get("auth", {}).get("accessToken", {}).get("role")
     report.ok("account", f"{account}" + (f" (token kind: {role})" if role else ""))
     if repo_id is None:
-        report.ok("model", f"{entry.model_name} loads from {_source_for(entry)}: no token needed")
+        report.ok("model", f"{entry.model_name} loads from {entry_source(entry)}: no token needed")
         return
     try:
         with_deadline(lambda: api.auth_check(repo_id, token=value), timeout_s)
@@ -113,14 +113,3 @@ def run_token(
         f"{account} may download {repo_id}"
         + (f" (revision {entry.serving.revision})" if entry.serving.revision else ""),
     )
-
-
-def _source_for(entry: ModelEntry) -> str:
-    s = entry.serving
-    if s.engine == "loadtest":
-        return "nowhere (load-test engine)"
-    if s.path is not None:
-        return f"the local path {s.path}"
-    if s.package_file is not None:
-        return f"the Python package {s.package_file.package}"
-    return f"the hub repo {s.repo_id}"
