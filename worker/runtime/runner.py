@@ -319,8 +319,9 @@ class JobRunner:
                 "failing, tell the operators the job id.",
             )
             return
-        if self._leases.lost(job.job_id):
-            return  # another worker owns the job now; publish nothing more
+        if self._leases.lost(job.job_id):  # another worker owns the job now: publish nothing
+            logger.info("job %s: stopped, its lease was lost", job.job_id)
+            return
         if over_time and result.finish_reason == "cancelled" and not self._is_cancelled(job.job_id):
             logger.info("job %s reached its %.0fs limit", job.job_id, job.max_generation_s or 0)
             result.finish_reason = "length"  # ended by the limit, like max_tokens
