@@ -6,6 +6,7 @@ paths (the CUDA ones too, run here on the CPU at toy size) give the eager answer
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -138,6 +139,78 @@ def test_cancel_and_stop_strings_work_in_the_batch(
     assert results["cancel"].finish_reason == "cancelled"
     assert results["cancel"].text == "".join(sent) and 3 <= len(sent) <= 4
     assert results["long"].text == solo[0].text  # the neighbours' stop did not touch it
+
+
+def test_a_job_that_others_leave_for_decodes_alone_and_the_batch_stops(
+    engine: ModelEngine, solo: list[GenerationResult]
+) -> None:
+    """Background work pausing for a clinician: the clinician's job does not join the batch the
+    others are leaving; it decodes alone, and the batch's thread stops once they are out."""
+    assert engine.batch is not None
+    leaving = threading.Event()
+    results: dict[str, GenerationResult] = {}
+    streaming = [threading.Event(), threading.Event()]
+
+    def background(i: int) -> None:
+        def on_text(_t: str) -> None:
+            streaming[i].set()
+
+        results[f"bg{i}"] = engine.generate(
+            _ask(QUESTIONS[i]), LONG, on_text=on_text, should_stop=leaving.is_set
+        )
+
+    first = threading.Thread(target=background, args=(0,))
+    first.start()
+    assert streaming[0].wait(30)
+    second = threading.Thread(target=background, args=(1,))
+    second.start()
+    assert streaming[1].wait(30)  # both decode in the batch now
+    assert engine.batch.running()
+    leaving.set()
+    clinician = engine.generate(
+        _ask(QUESTIONS[2]), LONG, on_text=lambda _t: None, others_leaving=True
+    )
+    for t in (first, second):
+        t.join(60)
+    assert clinician.path == "single"
+    assert clinician.text == solo[2].text  # exactly its answer alone
+    assert [results[k].finish_reason for k in ("bg0", "bg1")] == ["cancelled"] * 2
+    assert results["bg1"].path == "batch"  # (the first may not have moved in before leaving)
+    assert not engine.batch.running()  # stopped as they left, not after its idle delay
+    # Everyone can come back: two jobs at once batch again, with the same answers.
+    got = _first_then_others(engine, _ask(QUESTIONS[0]), [_ask(QUESTIONS[1])])
+    assert [r.text for r in got] == [solo[0].text, solo[1].text]
+    assert got[1].path == "batch"
+
+
+def test_a_job_whose_batch_step_is_interrupted_goes_on_unchanged(
+    engine: ModelEngine, solo: list[GenerationResult]
+) -> None:
+    """An interrupt abandons the step in flight and stops the batch's thread; a job in it that
+    must not stop goes on from the ids it had, and its answer is the same as alone."""
+    assert engine.batch is not None
+    results: dict[int, GenerationResult] = {}
+    sent: dict[int, list[str]] = {0: [], 1: []}
+
+    def run(i: int) -> None:
+        results[i] = engine.generate(_ask(QUESTIONS[i]), LONG, on_text=sent[i].append)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in (0, 1)]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 30
+    while len(sent[1]) < 3 or not engine.batch.running():
+        assert time.monotonic() < deadline, "the two jobs never decoded in the batch"
+        time.sleep(0.001)
+    engine.batch.interrupt()
+    assert not engine.batch.running()  # its thread is gone when interrupt() returns
+    for t in threads:
+        t.join(60)
+    for i in (0, 1):
+        assert results[i].text == solo[i].text == "".join(sent[i])
+        assert results[i].completion_tokens == solo[i].completion_tokens
+        assert results[i].finish_reason == "length"
+    assert engine.healthy()
 
 
 def test_images_and_seeds_decode_alone_beside_the_batch(

@@ -61,3 +61,27 @@ def test_background_work_pauses_only_while_interactive_work_runs_and_only_until_
     assert not resumed.wait(0.3)  # held while the clinician's job runs
     classes.ended(clinician)
     assert resumed.wait(5)
+
+
+def test_an_interactive_job_goes_ahead_of_the_batch_only_when_everyone_else_pauses_for_it() -> None:
+    classes = WorkClasses(background_slots=2)
+    clinician = _job("interactive-1")
+    assert classes.try_start(clinician)
+    assert not classes.others_yield(clinician)  # alone here anyway: nobody to go ahead of
+    classes.ended(clinician)
+    title, tags = _job("background-1", background=True), _job("background-2", background=True)
+    assert classes.try_start(title) and classes.try_start(tags)
+    assert classes.try_start(clinician)
+    assert classes.others_yield(clinician)  # both pause for it: it decodes alone
+    assert not classes.others_yield(title)  # background work never goes ahead
+    colleague = _job("interactive-2")
+    assert classes.try_start(colleague)
+    assert not classes.others_yield(colleague)  # another clinician's job does not pause
+    classes.ended(colleague)
+    classes.ended(tags)
+    late = _job("background-3", background=True).model_copy(update={"yields_until": 0.0})
+    assert classes.try_start(late)  # waited its share: it keeps decoding
+    assert not classes.others_yield(clinician)
+    for job in (clinician, title, late):
+        classes.ended(job)
+    assert classes.running == 0 and not classes.others_yield(_job("interactive-3"))

@@ -151,12 +151,15 @@ class Engine(ABC, Generic[PromptT]):
         should_stop: Callable[[], bool] = lambda: False,
         images: Mapping[str, Image.Image] | None = None,
         continue_text: str = "",
+        others_leaving: bool = False,
     ) -> GenerationResult:
         """Run one generation; ``on_text`` gets each text delta as soon as it is printable.
 
         ``images`` maps the key of each image part in ``messages`` to its image.
         ``continue_text`` is an answer already sent by a worker that was lost: generation goes
-        on from it. ``should_stop`` is read between decoding steps (a cancel, a lost lease)."""
+        on from it. ``should_stop`` is read between decoding steps (a cancel, a lost lease).
+        ``others_leaving``: every other job in this engine stops after its current step
+        (background work pausing for this one), so this one decodes as if it were alone."""
         job = self.prompter.continuation(messages, sampling, continue_text)
         prompt = self.prompter.build(job.messages, job.sampling.max_new_tokens, images)
         budget = self.prompter.budget(
@@ -164,7 +167,9 @@ class Engine(ABC, Generic[PromptT]):
         )
         text = self.prompter.text_stream(on_text, tuple(job.sampling.stop))
         started = time.perf_counter()
-        generated, path = self.decode(prompt, job, budget, text, should_stop)
+        generated, path = self.decode(
+            prompt, job, budget, text, should_stop, others_leaving=others_leaving
+        )
         text.end()
         reason: FinishReason
         if text.stopped_by_string or (generated and generated[-1] in self.prompter.eos_token_ids):
@@ -191,6 +196,8 @@ class Engine(ABC, Generic[PromptT]):
         budget: int,
         text: TextStream,
         should_stop: Callable[[], bool],
+        *,
+        others_leaving: bool = False,
     ) -> tuple[list[int], DecodePath]:
         """The decoding loop: generate at most ``budget`` tokens from ``prompt``, pushing them
         to ``text`` as they come, and stop early when ``text`` was stopped by a stop string or

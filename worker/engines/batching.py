@@ -20,6 +20,12 @@ request's own queue (the manager's per-request iterator would spin over the othe
   announces itself.
 * **Cancel**: ``cancel_request`` frees the request's pages between steps; the manager sends
   nothing more for it, so the stream ends on our side.
+* **Interrupt** (:meth:`BatchDecoder.interrupt`, CPU only): when only background work that
+  pauses for a clinician is in the batch, its decoding step is abandoned at the next decoder
+  layer (a forward pre-hook raises :class:`Interrupted` on the manager's thread), the manager's
+  thread ends, and its requests end at once, marked :attr:`BatchStream.interrupted`. A step
+  takes tens of milliseconds on a CPU; the clinician's first token would otherwise wait for it
+  and for the thread to go (docs/BENCHMARKS.md §11). The hooks are no-ops in compiled graphs.
 * **On a CPU the manager's thread lives only while the batch has work** (``restartable``): it is
   stopped (cache and pages kept) shortly after the last request leaves and started again with
   the next. A live thread that has run torch keeps its OpenMP team, and with more OpenMP threads
@@ -41,6 +47,7 @@ from typing import Any
 import torch
 from transformers import GenerationConfig
 from transformers.generation.configuration_utils import ContinuousBatchingConfig
+from transformers.modeling_layers import GradientCheckpointingLayer
 
 from shared.protocol import SamplingParams
 from worker.engines.prompt import Prompter
@@ -60,6 +67,21 @@ class BatchUnavailable(RuntimeError):
     """The batch manager refused or lost a request."""
 
 
+INTERRUPTED = "the batch's step was interrupted for interactive work"
+
+
+class Interrupted(RuntimeError):
+    """Raised inside the manager's decoding step to abandon it (:meth:`BatchDecoder.interrupt`)."""
+
+
+class _QuietInterrupts(logging.Filter):
+    """transformers logs an abandoned step as an error with its traceback: ours are on purpose."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return not isinstance(exc, Interrupted) and INTERRUPTED not in record.getMessage()
+
+
 class BatchStream:
     """The token ids of one request in the batch, as they come."""
 
@@ -68,6 +90,7 @@ class BatchStream:
         self.rid = rid
         self._results = results
         self._stopped = False
+        self.interrupted = False  # ended by BatchDecoder.interrupt, not by the model
         self.generated: list[int] = []
 
     def stop(self) -> None:
@@ -95,6 +118,9 @@ class BatchStream:
                 if out is _DIED:
                     raise BatchUnavailable("the batch's dispatcher died")
                 if out.error:
+                    if self._decoder.was_interrupted(self.rid):
+                        self.interrupted = True
+                        return
                     raise BatchUnavailable("continuous batching failed this request")
                 # Streaming outputs carry everything so far: take only what is new (a slice,
                 # not a copy of the whole answer at every step).
@@ -161,6 +187,10 @@ class BatchDecoder:
         self._stop = threading.Event()
         self._ids = itertools.count(1)
         self._dispatcher: threading.Thread | None = None
+        self.interrupting = False  # read by the layers' hooks on the manager's thread
+        self._interrupted: set[str] = set()  # requests ended by an interrupt, until forgotten
+        if self.restartable:
+            self._guard_layers(model)
         self.concurrency = concurrency
         logger.info(
             "continuous batching on: %d slots, %d cache pages, %d tokens per step, CUDA graphs %s",
@@ -169,6 +199,42 @@ class BatchDecoder:
             max_batch_tokens,
             "on" if self.cuda_graphs else "off",
         )
+
+    def _guard_layers(self, model: torch.nn.Module) -> None:
+        """A pre-hook on every decoder layer that abandons the manager's step when asked."""
+        logging.getLogger("ContinuousBatchingLogger").addFilter(_QuietInterrupts())
+
+        def check(_module: Any, _args: Any) -> None:
+            if torch.compiler.is_compiling():  # traced away: the single path's graph is untouched
+                return
+            if self.interrupting and threading.current_thread() is self._manager_thread():
+                raise Interrupted(INTERRUPTED)
+
+        for module in model.modules():
+            if isinstance(module, GradientCheckpointingLayer):
+                module.register_forward_pre_hook(check)
+
+    def _manager_thread(self) -> threading.Thread | None:
+        thread: threading.Thread | None = getattr(self._manager, "_generation_thread", None)
+        return thread
+
+    def interrupt(self) -> None:
+        """Abandon the batch's step in flight and stop its thread now; every request in the
+        batch ends at once with :attr:`BatchStream.interrupted` set. For a restartable manager
+        (CPU) whose requests all stop anyway: the next request restarts it."""
+        if not self.restartable:
+            return
+        with self._life:
+            if self._closed or not self._manager.is_running():
+                return
+            with self._lock:
+                self._interrupted.update(self._routes)
+            self.interrupting = True
+            try:
+                self._stop_now()
+            finally:
+                self.interrupting = False
+        logger.debug("the batch's step was interrupted")
 
     def start_manager(self) -> None:
         """Capture CUDA graphs, start the manager's generation thread and the dispatcher."""
@@ -204,7 +270,18 @@ class BatchDecoder:
             with self._lock:
                 idle = not self._routes
             if idle and not self._closed and self._manager.is_running():
-                self._manager.stop(block=True, keep_for_next_session=True)
+                self._stop_now()
+
+    def _stop_now(self) -> None:
+        """Stop the manager's thread (holding ``_life``), without its idle wait: an idle loop
+        sleeps up to 0.1 s between looks for work, and a stop request alone does not wake it
+        (transformers 5.25), so the request is made first and the loop woken after it."""
+        status = getattr(self._manager, "background_thread_status", None)
+        wake = getattr(self._manager, "_wake_up_loop", None)
+        if status is not None and wake is not None:
+            status.request_stop(status.FLUSH_AND_STOP, 0)
+            wake.set()
+        self._manager.stop(block=True, keep_for_next_session=True)
 
     def _dispatch(self) -> None:
         try:
@@ -260,12 +337,17 @@ class BatchDecoder:
             raise BatchUnavailable("the continuous-batching manager is not taking requests")
         return BatchStream(self, rid, results)
 
+    def was_interrupted(self, rid: str) -> bool:
+        with self._lock:
+            return rid in self._interrupted
+
     def _cancel(self, rid: str) -> None:
         self._manager.cancel_request(rid)
 
     def _forget(self, rid: str) -> None:
         with self._lock:
             self._routes.pop(rid, None)
+            self._interrupted.discard(rid)
             idle = not self._routes
         if idle:
             self.stop_when_idle()
@@ -276,6 +358,10 @@ class BatchDecoder:
         for _ids in stream:
             pass
 
+    def running(self) -> bool:
+        """Whether the manager's generation thread runs now."""
+        return bool(self._manager.is_running())
+
     def alive(self) -> bool:
         """Whether the dispatcher runs, and the manager's thread too unless it is restartable
         (then it may be stopped between batches on purpose)."""
@@ -283,8 +369,8 @@ class BatchDecoder:
             return False
         dispatching = self._dispatcher is not None and self._dispatcher.is_alive()
         with self._life:  # not while a request is being added and the manager (re)started
-            with self._lock:
-                in_flight = bool(self._routes)
+            with self._lock:  # (requests ended by an interrupt may still be draining)
+                in_flight = bool(self._routes.keys() - self._interrupted)
             running = bool(self._manager.is_running())
         # A restartable manager may be stopped between batches, never under a request.
         return dispatching and (running or (self.restartable and not in_flight))

@@ -94,6 +94,8 @@ class LoadTestEngine(Engine[WordPrompt]):
         budget: int,
         text: TextStream,
         should_stop: Callable[[], bool],
+        *,
+        others_leaving: bool = False,
     ) -> tuple[list[int], DecodePath]:
         """One word every ``interval_s``, the first after ``first_token_s``."""
         next_at = time.perf_counter() + self.first_token_s

@@ -15,7 +15,10 @@ The choice, per job when it starts: a job that finds the worker idle decodes alo
 finds another one decoding joins the batch, and a text job that was decoding alone **moves into
 the batch** with it (its stopping criterion ends ``generate`` after the current step; the batch
 continues from the prompt plus the ids generated so far, so the answer goes on as one stream).
-So text jobs never decode on both paths at once. Jobs the batch cannot take (images; a seed,
+So text jobs never decode on both paths at once — but for one case: an interactive job that
+finds only background work pausing for it (``others_leaving``, see
+:mod:`worker.runtime.yielding`) decodes alone at once, and the batch's thread stops as soon as
+they have left it. Jobs the batch cannot take (images; a seed,
 which needs its own sampler) always decode alone: they queue on the inference thread, and text
 jobs that arrive meanwhile decode in the batch beside them, the two taking turns on the model
 step by step (:mod:`worker.engines.turns`: transformers cannot run two forward passes of one
@@ -91,6 +94,8 @@ class ModelEngine(Engine[Prompt]):
         budget: int,
         text: TextStream,
         should_stop: Callable[[], bool],
+        *,
+        others_leaving: bool = False,
     ) -> tuple[list[int], DecodePath]:
         """Decode on the path the load calls for; returns the generated ids and the path."""
         sampling = job.sampling
@@ -112,7 +117,9 @@ class ModelEngine(Engine[Prompt]):
                     break
             return taken
 
-        return self._decode(prompt, budget, sampling, batchable, should_stop, consume)
+        return self._decode(
+            prompt, budget, sampling, batchable, should_stop, consume, others_leaving
+        )
 
     def _decode(
         self,
@@ -122,13 +129,17 @@ class ModelEngine(Engine[Prompt]):
         batchable: bool,
         should_stop: Callable[[], bool],
         consume: Callable[[SingleStream | BatchStream], list[int]],
+        others_leaving: bool,
     ) -> tuple[list[int], DecodePath]:
         """Alone, or in the batch (which the job alone may move into midway)."""
+        if others_leaving and self.batch is not None and not self._always_batch:
+            self.batch.interrupt()  # (CPU) they leave now, not after the step in flight
         with self._lock:
             if self._alone is not None:
                 self._alone.preempt()  # whoever came first moves into the batch
             join_batch = batchable and (
-                self._always_batch or self._alone is not None or self._batched > 0
+                self._always_batch
+                or (not others_leaving and (self._alone is not None or self._batched > 0))
             )
             if join_batch:
                 self._batched += 1
@@ -146,7 +157,7 @@ class ModelEngine(Engine[Prompt]):
                 if self.batch is not None and self._batched == 0:
                     self.batch.stop_when_idle(delay_s=0.0)  # the batch's thread leaves now
         if join_batch:
-            return self._in_batch(prompt.ids, budget, sampling, consume, []), "batch"
+            return self._in_batch(prompt.ids, budget, sampling, should_stop, consume, []), "batch"
         try:
             taken = consume(alone)
         except BaseException:
@@ -168,7 +179,9 @@ class ModelEngine(Engine[Prompt]):
         if not moving:
             return taken, "single"
         logger.debug("a job moves into the batch after %d tokens", len(taken))
-        generated = self._in_batch([*prompt.ids, *taken], budget, sampling, consume, taken)
+        generated = self._in_batch(
+            [*prompt.ids, *taken], budget, sampling, should_stop, consume, taken
+        )
         return generated, "single+batch"
 
     def _still_going(self, generated: Sequence[int], budget: int) -> bool:
@@ -180,14 +193,26 @@ class ModelEngine(Engine[Prompt]):
         ids: list[int],
         budget: int,
         sampling: SamplingParams,
+        should_stop: Callable[[], bool],
         consume: Callable[[SingleStream | BatchStream], list[int]],
         before: Sequence[int],
     ) -> list[int]:
-        """Decode in the batch (``_batched`` was counted for this job by the caller)."""
+        """Decode in the batch (``_batched`` was counted for this job by the caller). A job
+        whose step was interrupted but must not stop goes on in the batch from where it was."""
         assert self.batch is not None
+        generated = list(before)
         try:
-            stream = self.batch.start(ids, budget - len(before), sampling)
-            return [*before, *consume(stream)]
+            while True:
+                stream = self.batch.start(
+                    [*ids, *generated[len(before) :]], budget - len(generated), sampling
+                )
+                generated.extend(consume(stream))
+                if not stream.interrupted or should_stop():
+                    return generated
+                if not self._still_going(generated, budget):
+                    return generated
         finally:
             with self._lock:
                 self._batched -= 1
+                if self._batched == 0 and self._alone is not None:
+                    self.batch.stop_when_idle(delay_s=0.0)  # the job alone has the cores now

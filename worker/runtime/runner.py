@@ -290,6 +290,7 @@ class JobRunner:
                     should_stop=should_stop,
                     images=images,
                     continue_text=text,
+                    others_leaving=self.classes.others_yield(job),
                 )
                 first_token_s = first_token_s or result.first_token_s
                 result.first_token_s = first_token_s

@@ -12,10 +12,11 @@ The runner's threads (one per Celery slot) share one :class:`WorkClasses`:
   until no interactive job is left — or its ``yields_until`` has passed: then it no longer
   gives way, so nothing starves.
 
-An interactive job does not wait for pausing background work to leave the engine: it joins
-the batch they are in, which is warm. Waiting for them and taking the single-stream path
-measured worse on the CPU (docs/BENCHMARKS.md §11): the first single-stream call after the
-batch ran pays ~0.55 s of re-warming.
+* **Ahead of the batch** (:meth:`others_yield`): an interactive job that finds only pausing
+  background work here decodes alone, on the fast single-stream path, instead of joining the
+  batch they are leaving: its prefill waits at most for the batch's step in flight (the model
+  takes one forward pass at a time), and the batch's thread stops as soon as they are out
+  (docs/BENCHMARKS.md §11).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ class WorkClasses:
         self.running = 0
         self.interactive = 0
         self.background = 0
+        self._background_jobs: dict[str, Job] = {}  # running background jobs, by id
         self._changed = threading.Condition()  # notified whenever a count changes
 
     def accepts_background(self) -> bool:
@@ -59,6 +61,10 @@ class WorkClasses:
             self.running += step
             if job.priority == "background":
                 self.background += step
+                if step > 0:
+                    self._background_jobs[job.job_id] = job
+                else:
+                    self._background_jobs.pop(job.job_id, None)
             else:
                 self.interactive += step
             self._changed.notify_all()
@@ -73,6 +79,18 @@ class WorkClasses:
     def must_yield(self, job: Job) -> bool:
         """Whether ``job`` must pause now: background work while interactive work runs."""
         return self.interactive > 0 and self._yields(job)
+
+    def others_yield(self, job: Job) -> bool:
+        """Whether ``job`` is the one interactive job here and every other running job is
+        background work pausing for it: then it need not join their batch."""
+        with self._changed:
+            others = list(self._background_jobs.values())
+            return (
+                job.priority != "background"
+                and self.interactive == 1
+                and bool(others)
+                and all(self._yields(other) for other in others)
+            )
 
     def wait_for_room(self, job: Job, stopped: Callable[[], bool]) -> None:
         """Hold a paused job until it need not give way any more, or must stop."""
