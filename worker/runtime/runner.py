@@ -377,11 +377,12 @@ class JobRunner:
         )
         logger.info(
             "job %s finished: %s, %d prompt + %d completion tokens, first token %.3fs, "
-            "%d old messages trimmed",
+            "%d old messages trimmed, decoded %s",
             job.job_id,
             result.finish_reason,
             result.prompt_tokens,
             result.completion_tokens,
             result.first_token_s or 0.0,
             result.trimmed_messages,
+            result.path,
         )
