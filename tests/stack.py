@@ -333,6 +333,20 @@ class BackgroundStream:
         return self._thread is not None and self._thread.is_alive()
 
 
+def finished(s: BackgroundStream, timeout_s: float) -> dict[str, Any]:
+    """The ``done`` event's data of a stream, once it has ended (within ``timeout_s``)."""
+    s.join(timeout_s)
+    assert not s.is_alive(), f"the stream did not end within {timeout_s}s"
+    kind, data = s.events[-1]
+    assert kind == "done", s.events[-1]
+    done: dict[str, Any] = json.loads(data)
+    return done
+
+
+def streamed_text(s: BackgroundStream) -> str:
+    return "".join(json.loads(d)["text"] for kind, d in s.events if kind == "token")
+
+
 class HasClient(Protocol):
     def client(self) -> httpx.Client: ...
 

@@ -12,7 +12,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.stack import BackgroundStream, Stack, ask, start_stack, stream_in_background
+from tests.stack import (
+    Stack,
+    ask,
+    finished,
+    start_stack,
+    stream_in_background,
+    streamed_text,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -36,19 +43,6 @@ def stack(tmp_path_factory: pytest.TempPathFactory, tiny_gemma_dir: Path) -> Ite
         s.stop()
 
 
-def _finished(s: BackgroundStream, timeout_s: float) -> dict[str, object]:
-    s.join(timeout_s)
-    assert not s.is_alive(), f"the stream did not end within {timeout_s}s"
-    kind, data = s.events[-1]
-    assert kind == "done", s.events[-1]
-    done: dict[str, object] = json.loads(data)
-    return done
-
-
-def _text(s: BackgroundStream) -> str:
-    return "".join(json.loads(d)["text"] for kind, d in s.events if kind == "token")
-
-
 def _decoded(stack: Stack, job_id: str) -> str:
     found = re.search(rf"job {job_id} finished: .* decoded (\S+)", stack.logs())
     assert found, f"no finish line for job {job_id}"
@@ -60,7 +54,7 @@ def test_a_clinician_goes_ahead_of_background_work_and_both_answers_stay_whole(
 ) -> None:
     question = ask("What are the first signs of sepsis?", model=DEMO, verbosity=1)
     alone = stream_in_background(stack, question)
-    _finished(alone, 120)
+    finished(alone, 120)
     assert _decoded(stack, alone.job_id) == "single"
 
     summaries = [
@@ -74,17 +68,17 @@ def test_a_clinician_goes_ahead_of_background_work_and_both_answers_stay_whole(
     for s in summaries:  # both are decoding (in the batch: two at once)
         assert s.wait_for_events(8, 120), s.events
     clinician = stream_in_background(stack, question)
-    done = _finished(clinician, 120)
-    assert _text(clinician) == _text(alone)  # exactly its answer on an idle worker
+    done = finished(clinician, 120)
+    assert streamed_text(clinician) == streamed_text(alone)  # exactly its answer on an idle worker
     assert done["usage"] == json.loads(alone.events[-1][1])["usage"]
     assert _decoded(stack, clinician.job_id) == "single"  # alone, not in their batch
 
     for s in summaries:
-        summary = _finished(s, 240)
+        summary = finished(s, 240)
         assert summary["finish_reason"] in ("stop", "length"), summary
         ids = [int(i) for (kind, _), i in zip(s.events, s.ids, strict=True) if kind == "token"]
         assert ids == sorted(set(ids)) and ids, ids  # in order, none repeated
-        assert summary["usage"]["completion_tokens"] > 0  # type: ignore[index]
+        assert summary["usage"]["completion_tokens"] > 0
     logs = stack.logs()
     assert "pauses for interactive work" in logs and "resumes after its pause" in logs
     assert "Error in generation loop" not in logs and "Traceback" not in logs

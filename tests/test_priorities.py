@@ -17,7 +17,6 @@ visible: without it, a background job would simply take the free slot.
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 from collections.abc import Iterator
@@ -35,8 +34,10 @@ from tests.stack import (
     BackgroundStream,
     Stack,
     ask,
+    finished,
     slow_model_stack,
     stream_in_background,
+    streamed_text,
 )
 
 pytestmark = pytest.mark.integration
@@ -72,37 +73,24 @@ def _first_token(s: BackgroundStream, timeout_s: float) -> float:
     return _token_times(s)[0]
 
 
-def _finished(s: BackgroundStream, timeout_s: float) -> dict[str, object]:
-    s.join(timeout_s)
-    assert not s.is_alive(), f"the stream did not end within {timeout_s}s"
-    kind, data = s.events[-1]
-    assert kind == "done", s.events[-1]
-    done: dict[str, object] = json.loads(data)
-    return done
-
-
-def _text(s: BackgroundStream) -> str:
-    return "".join(json.loads(d)["text"] for kind, d in s.events if kind == "token")
-
-
 def _whole(s: BackgroundStream, done: dict[str, object]) -> None:
     """The answer is every token once, in order (load-test tokens are numbered)."""
     n = done["usage"]["completion_tokens"]  # type: ignore[index]
-    assert _text(s) == "".join(f"tok{i} " for i in range(n)), _text(s)
+    assert streamed_text(s) == "".join(f"tok{i} " for i in range(n)), streamed_text(s)
 
 
 def test_background_work_waits_while_interactive_work_runs(worker: Stack) -> None:
     clinician = stream_in_background(worker, _ask(0))  # 50 tokens, 2.5 s
     _first_token(clinician, 30)
     title = stream_in_background(worker, _ask(0, priority="background"))
-    done = _finished(clinician, 30)
+    done = finished(clinician, 30)
     assert done["finish_reason"] == "length"
     clinician_done_at = clinician.at[-1]
     started_at = _first_token(title, 30)
     # A slot was free the whole time: only the rule kept the background job out of it.
     assert started_at >= clinician_done_at, "background work started beside a clinician's"
     assert any(kind == "queued" for kind, _ in title.events), title.events
-    _whole(title, _finished(title, 30))
+    _whole(title, finished(title, 30))
 
 
 def test_interactive_work_in_line_goes_before_earlier_background_work(worker: Stack) -> None:
@@ -115,12 +103,12 @@ def test_interactive_work_in_line_goes_before_earlier_background_work(worker: St
     assert clinician.wait_for_events(1, 10)
     clinician_started = _first_token(clinician, 30)
     title_started = _first_token(title, 30)
-    _finished(clinician, 30)
+    finished(clinician, 30)
     assert clinician_started < title_started
     assert title_started >= clinician.at[-1]  # (and it waited for the clinician's answer)
     for s in busy:
-        _finished(s, 30)
-    _whole(title, _finished(title, 30))
+        finished(s, 30)
+    _whole(title, finished(title, 30))
 
 
 def test_running_background_work_pauses_for_a_clinician_and_resumes_exactly(
@@ -130,14 +118,14 @@ def test_running_background_work_pauses_for_a_clinician_and_resumes_exactly(
     assert title.wait_for_events(10, 30)
     clinician = stream_in_background(worker, _ask(0))  # 50 tokens, 2.5 s
     clinician_first = _first_token(clinician, 30)
-    _finished(clinician, 30)
+    finished(clinician, 30)
     clinician_last = clinician.at[-1]
-    done = _finished(title, 60)
+    done = finished(title, 60)
     during = [t for t in _token_times(title) if clinician_first + 0.3 < t < clinician_last]
     assert not during, f"{len(during)} background tokens streamed beside the clinician's answer"
     assert any(t > clinician_last for t in _token_times(title)), "it never resumed"
     assert done["finish_reason"] == "length"
-    assert done["usage"]["completion_tokens"] == 100  # type: ignore[index]
+    assert done["usage"]["completion_tokens"] == 100
     _whole(title, done)
     assert "pauses for interactive work" in worker.logs()
 
@@ -149,7 +137,7 @@ def test_background_work_finishes_under_a_steady_interactive_load(worker: Stack)
     def clinician() -> None:
         while not stop.is_set():
             s = stream_in_background(worker, _ask(0))
-            _finished(s, 60)
+            finished(s, 60)
             answered.append(time.monotonic())
 
     load = [threading.Thread(target=clinician) for _ in range(2)]  # both slots, always
@@ -160,7 +148,7 @@ def test_background_work_finishes_under_a_steady_interactive_load(worker: Stack)
             time.sleep(0.1)
         sent = time.monotonic()
         title = stream_in_background(worker, _ask(0, priority="background"))
-        done = _finished(title, MAX_WAIT_S + 40)
+        done = finished(title, MAX_WAIT_S + 40)
         took = time.monotonic() - sent
         served_meanwhile = sum(1 for t in answered if t > sent)
     finally:
