@@ -82,6 +82,9 @@ class _QuietInterrupts(logging.Filter):
         return not isinstance(exc, Interrupted) and INTERRUPTED not in record.getMessage()
 
 
+_QUIET_INTERRUPTS = _QuietInterrupts()  # one instance: adding it again is a no-op
+
+
 class BatchStream:
     """The token ids of one request in the batch, as they come."""
 
@@ -202,7 +205,7 @@ class BatchDecoder:
 
     def _guard_layers(self, model: torch.nn.Module) -> None:
         """A pre-hook on every decoder layer that abandons the manager's step when asked."""
-        logging.getLogger("ContinuousBatchingLogger").addFilter(_QuietInterrupts())
+        logging.getLogger("ContinuousBatchingLogger").addFilter(_QUIET_INTERRUPTS)
 
         def check(_module: Any, _args: Any) -> None:
             if torch.compiler.is_compiling():  # traced away: the single path's graph is untouched
