@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from devstack.processes import wait_for
 from tests.stack import (
     Stack,
     ask,
@@ -44,8 +45,11 @@ def stack(tmp_path_factory: pytest.TempPathFactory, tiny_gemma_dir: Path) -> Ite
 
 
 def _decoded(stack: Stack, job_id: str) -> str:
-    found = re.search(rf"job {job_id} finished: .* decoded (\S+)", stack.logs())
-    assert found, f"no finish line for job {job_id}"
+    """The decode path on the job's finish line (logged just after its done event)."""
+    line = re.compile(rf"job {job_id} finished: .* decoded (\S+)")
+    wait_for(lambda: bool(line.search(stack.logs())), 30, f"job {job_id}'s finish line")
+    found = line.search(stack.logs())
+    assert found is not None
     return found.group(1)
 
 
