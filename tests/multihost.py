@@ -24,6 +24,7 @@ from devstack import netbed
 from devstack.netbed import Host, NetBed
 from devstack.processes import (
     Proc,
+    listening,
     redis_server_binary,
     spawn,
     start_gateway,
@@ -48,14 +49,6 @@ def longest_stall_s(bg: BackgroundStream) -> float:
     """The longest gap between two token events the client received."""
     times = [t for (kind, _), t in zip(bg.events, bg.at, strict=True) if kind == "token"]
     return max((b - a for a, b in zip(times, times[1:], strict=False)), default=0.0)
-
-
-def _listening(host: str, port: int) -> bool:
-    try:
-        with socket.create_connection((host, port), timeout=0.2):
-            return True
-    except OSError:
-        return False
 
 
 @dataclass
@@ -137,7 +130,7 @@ def _start_sentinels(stack: MultiHost, master: Host, names: list[str]) -> list[s
         proc = spawn(name, argv, {}, stack.workdir / f"{name}.log")
         stack.procs.append(proc)
         address = host.address()
-        wait_for(lambda: _listening(address, SENTINEL_PORT), 10, f"{name} up", proc)  # noqa: B023
+        wait_for(lambda: listening(address, SENTINEL_PORT), 10, f"{name} up", proc)  # noqa: B023
         addresses.append(f"{address}:{SENTINEL_PORT}")
     return addresses
 

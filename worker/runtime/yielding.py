@@ -36,9 +36,12 @@ class WorkClasses:
         self._clock = clock
         self.running = 0
         self.interactive = 0
-        self.background = 0
         self._background_jobs: dict[str, Job] = {}  # running background jobs, by id
         self._changed = threading.Condition()  # notified whenever a count changes
+
+    @property
+    def background(self) -> int:
+        return len(self._background_jobs)
 
     def accepts_background(self) -> bool:
         return self.interactive == 0 and self.background < self._background_slots
@@ -60,7 +63,6 @@ class WorkClasses:
         with self._changed:  # (re-entrant use from try_start: Condition's default RLock)
             self.running += step
             if job.priority == "background":
-                self.background += step
                 if step > 0:
                     self._background_jobs[job.job_id] = job
                 else:
