@@ -13,7 +13,8 @@ asking a short question, waiting for the whole answer, then asking the next.
   what a clinician gets when every request is equal (the stack before priorities).
 
 Reported: the probe's time to first token (p50, p90) in each phase and the ratios to
-``alone``, and how many background answers finished during the flood (starved or not).
+``alone``, where it went (``bench/stages.py``: gateway, queue and delivery, engine, relay), and
+how many background answers finished during the flood (starved or not).
 
     python bench/priorities.py --spawn-stack demo --worker-concurrency 4 --out report.json
 """
@@ -35,7 +36,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run as a script: make the project's packages importable
     sys.path.insert(0, str(ROOT))
 
-from bench import clients, entries, spawn, stats, workload  # noqa: E402
+from bench import clients, entries, spawn, stages, stats, workload  # noqa: E402
 
 QUESTION = "What are the first steps in treating a patient with suspected sepsis?"
 FLOOD_TEXT = (
@@ -62,7 +63,7 @@ async def _flood_client(
 
 async def phase(
     base_url: str, key: str, model: str, args: argparse.Namespace, flood_model: str | None
-) -> dict[str, Any]:
+) -> tuple[dict[str, Any], list[clients.RequestResult]]:
     limits = httpx.Limits(max_connections=args.flood + 8)
     headers = {"Authorization": f"Bearer {key}"}
     async with httpx.AsyncClient(
@@ -80,6 +81,7 @@ async def phase(
         if flood:
             await asyncio.sleep(args.flood_head_start)  # the flood is running when probes start
         ttfts: list[float] = []
+        probes: list[clients.RequestResult] = []
         errors = 0
         started = time.perf_counter()
         for i in range(args.warmup + args.probes):
@@ -90,6 +92,7 @@ async def phase(
                 time.perf_counter(),
             )
             if i >= args.warmup:
+                probes.append(res)
                 if res.ok and res.ttft_s is not None:
                     ttfts.append(res.ttft_s)
                 else:
@@ -107,7 +110,16 @@ async def phase(
         "probe_errors": errors,
         "flood_answers_finished": sum(1 for t in flood_done if t >= started),
         "duration_s": round(elapsed, 1),
-    }
+    }, probes
+
+
+def _stages_line(breakdown: dict[str, Any]) -> str:
+    parts = [
+        f"{name} {breakdown[f'{name}_ms']['p50']:.1f}"
+        for name in stages.STAGES
+        if breakdown["matched_jobs"]
+    ]
+    return f"{'':>24}  stage p50s (ms): " + (", ".join(parts) or "no job timings matched")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -124,6 +136,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="cpu")
     p.add_argument("--request-timeout", type=float, default=300.0)
     p.add_argument("--ready-timeout", type=float, default=300.0)
+    p.add_argument(
+        "--skip-equal-flood",
+        action="store_true",
+        help="leave out the third phase (the flood sent as interactive work)",
+    )
     p.add_argument("--keep-workdir", action="store_true")
     p.add_argument("--out", type=Path, default=None)
     # The other options SpawnedStack and resolve_model read: bench/serve.py's defaults.
@@ -147,8 +164,13 @@ def main(argv: list[str] | None = None) -> int:
                 "background flood": f"{model}@background",
                 "same flood, interactive": model,
             }
+            if args.skip_equal_flood:
+                del phases["same flood, interactive"]
             for name, flood_model in phases.items():
-                result = asyncio.run(phase(stack.base_url, args.api_key, model, args, flood_model))
+                result, probes = asyncio.run(
+                    phase(stack.base_url, args.api_key, model, args, flood_model)
+                )
+                result["stages"] = stages.breakdown_from_redis(stack.redis_url, probes)
                 report["phases"][name] = result
                 t = result["ttft_ms"]
                 print(
@@ -157,10 +179,13 @@ def main(argv: list[str] | None = None) -> int:
                     f"{result['flood_answers_finished']} flood answers finished",
                     flush=True,
                 )
+                print(_stages_line(result["stages"]), flush=True)
         finally:
             stack.stop()
     alone = report["phases"]["alone"]["ttft_ms"]["p50"]
-    for name in ("background flood", "same flood, interactive"):
+    for name in report["phases"]:
+        if name == "alone":
+            continue
         ratio = report["phases"][name]["ttft_ms"]["p50"] / alone
         report["phases"][name]["p50_vs_alone"] = round(ratio, 2)
         print(f"{name:>24}: p50 TTFT {ratio:.2f}x alone")
