@@ -114,12 +114,10 @@ async def phase(
 
 
 def _stages_line(breakdown: dict[str, Any]) -> str:
-    parts = [
-        f"{name} {breakdown[f'{name}_ms']['p50']:.1f}"
-        for name in stages.STAGES
-        if breakdown["matched_jobs"]
-    ]
-    return f"{'':>24}  stage p50s (ms): " + (", ".join(parts) or "no job timings matched")
+    if not breakdown["matched_jobs"]:
+        return f"{'':>24}  no job timings matched"
+    parts = ", ".join(f"{s} {breakdown[f'{s}_ms']['p50']:.1f}" for s in stages.STAGES)
+    return f"{'':>24}  stage p50s (ms): {parts}"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

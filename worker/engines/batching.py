@@ -49,6 +49,7 @@ from transformers import GenerationConfig
 from transformers.generation.configuration_utils import ContinuousBatchingConfig
 from transformers.modeling_layers import GradientCheckpointingLayer
 
+from shared.logs import CB_LOGGER
 from shared.protocol import SamplingParams
 from worker.engines.prompt import Prompter
 from worker.engines.warpers import use_fast_warpers
@@ -205,7 +206,7 @@ class BatchDecoder:
 
     def _guard_layers(self, model: torch.nn.Module) -> None:
         """A pre-hook on every decoder layer that abandons the manager's step when asked."""
-        logging.getLogger("ContinuousBatchingLogger").addFilter(_QUIET_INTERRUPTS)
+        logging.getLogger(CB_LOGGER).addFilter(_QUIET_INTERRUPTS)
 
         def check(_module: Any, _args: Any) -> None:
             if torch.compiler.is_compiling():  # traced away: the single path's graph is untouched
