@@ -52,7 +52,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from shared.logs import CB_LOGGER
 from shared.protocol import SamplingParams
 from worker.engines.prompt import Prompter
-from worker.engines.warpers import use_fast_warpers
+from worker.engines.warpers import use_fast_sampler, use_fast_warpers
 from worker.weights.loader import LoadedModel
 
 logger = logging.getLogger(__name__)
@@ -181,6 +181,7 @@ class BatchDecoder:
             )
         if not loaded.device.startswith("cuda"):
             use_fast_warpers(self._manager)  # same scores, no full sorts (warpers.py)
+            use_fast_sampler(self._manager)  # same distribution, drawn among the kept tokens
         self._routes: dict[str, queue.Queue[Any]] = {}
         self._lock = threading.Lock()
         self._life = threading.Lock()  # starting/stopping the manager vs adding requests
