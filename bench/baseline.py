@@ -54,9 +54,9 @@ def engine_baseline(
 ) -> dict[str, Any]:
     """Load the model here, run the worker's engine ``warmup + runs`` times (one job at a time,
     so on the single-stream path), free the model."""
-    from worker.torch_env import prepare_cpu_compile
+    from worker.torch_env import prepare_cpu_torch
 
-    prepare_cpu_compile(device, compile)  # before torch: as the worker does
+    prepare_cpu_torch(device, compile)  # before torch: as the worker does
     import torch
 
     from worker.engines.base import GenerationEngine

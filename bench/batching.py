@@ -28,9 +28,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from worker.torch_env import prepare_cpu_compile  # noqa: E402
+from worker.torch_env import prepare_cpu_torch  # noqa: E402
 
-prepare_cpu_compile("cpu", True)  # before torch, as the worker does (worker/torch_env.py)
+prepare_cpu_torch("cpu", True)  # before torch, as the worker does (worker/torch_env.py)
 import torch  # noqa: E402
 
 from shared.protocol import ChatMessage, SamplingParams, TextPart  # noqa: E402

@@ -82,9 +82,9 @@ def _entry(model: str, tiny_folder: str | None, serving: dict[str, Any]) -> tupl
 
 def _child(args: argparse.Namespace) -> dict[str, Any]:
     serving, compile_on = VARIANTS[args.child]
-    from worker.torch_env import prepare_cpu_compile
+    from worker.torch_env import prepare_cpu_torch
 
-    prepare_cpu_compile("cpu", compile_on)
+    prepare_cpu_torch("cpu", compile_on)
     import torch
 
     if args.child == "8bit-bnb-t0":

@@ -52,7 +52,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from worker.torch_env import prepare_cpu_compile  # noqa: E402
+from worker.torch_env import prepare_cpu_torch  # noqa: E402
 
 QUANTS = {  # name -> the registry's serving fields
     "bf16": {"quantization": "none"},
@@ -352,7 +352,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    prepare_cpu_compile(args.device, args.compile == "on")
+    prepare_cpu_torch(args.device, args.compile == "on")
     budget = Budget(args.budget_s)
     report: dict[str, Any] = {
         "command": " ".join(["python", "bench/gpu_suite.py", *(argv or sys.argv[1:])]),

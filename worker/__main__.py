@@ -34,7 +34,7 @@ from worker.runtime.lease import LeaseKeeper
 from worker.runtime.runner import JobRunner, RunnerConfig
 from worker.runtime.token_writer import TokenWriter
 from worker.settings import WorkerSettings
-from worker.torch_env import prepare_cpu_compile
+from worker.torch_env import prepare_cpu_torch
 
 # A command that meets a dropped connection (a Redis restart, a failover) is retried for
 # about 1.8 s (0.05, 0.1, ... capped at 0.5 s), well inside the job's lease: a running
@@ -91,7 +91,7 @@ def main() -> int:
         logger.error("%s", refused)
         return 2
     # torch is imported from here on, after its process-wide settings (worker/torch_env.py).
-    prepare_cpu_compile(settings.worker_device, settings.worker_compile != "off")
+    prepare_cpu_torch(settings.worker_device, settings.worker_compile != "off")
     from worker.engines.factory import EngineOptions, build_engine
     from worker.engines.loadtest import LoadTestEngine
     from worker.weights.errors import ModelLoadError
