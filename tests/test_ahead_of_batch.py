@@ -32,7 +32,12 @@ def stack(tmp_path_factory: pytest.TempPathFactory, tiny_gemma_dir: Path) -> Ite
     settings = {
         "WORKER_CONCURRENCY": "4",  # two background slots
         "GATEWAY_DEFAULT_MODEL": DEMO,
-        "GATEWAY_IDLE_TIMEOUT_S": "30",
+        # The summaries give way for the whole test, however slow the machine: past their
+        # share (by default half the idle timeout) they would stop pausing, re-enter the
+        # engine and take the clinician's job into their batch (by design), and its answer
+        # would no longer be the idle one.
+        "GATEWAY_IDLE_TIMEOUT_S": "300",
+        "GATEWAY_BACKGROUND_MAX_WAIT_S": "240",
     }
     s = start_stack(
         tmp_path_factory.mktemp("ahead"), tiny_gemma_dir, workers=0, only={DEMO}, settings=settings
