@@ -5,6 +5,7 @@ paths (the CUDA ones too, run here on the CPU at toy size) give the eager answer
 
 from __future__ import annotations
 
+import gc
 import threading
 import time
 from collections.abc import Iterator
@@ -184,10 +185,12 @@ def test_a_job_that_others_leave_for_decodes_alone_and_the_batch_stops(
 
 
 def test_a_job_whose_batch_step_is_interrupted_goes_on_unchanged(
-    engine: ModelEngine, solo: list[GenerationResult]
+    engine: ModelEngine, solo: list[GenerationResult], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """An interrupt abandons the step in flight and stops the batch's thread; a job in it that
-    must not stop goes on from the ids it had, and its answer is the same as alone."""
+    must not stop goes on from the ids it had, and its answer is the same as alone. It runs no
+    full garbage collection on the way: in a warm worker one held the GIL ~10 ms while the
+    clinician's prefill waited (docs/BENCHMARKS.md §11)."""
     assert engine.batch is not None
     results: dict[int, GenerationResult] = {}
     sent: dict[int, list[str]] = {0: [], 1: []}
@@ -202,8 +205,17 @@ def test_a_job_whose_batch_step_is_interrupted_goes_on_unchanged(
     while len(sent[1]) < 3 or not engine.batch.running():
         assert time.monotonic() < deadline, "the two jobs never decoded in the batch"
         time.sleep(0.001)
+    collections: list[tuple[object, ...]] = []
+
+    def collect(*args: object) -> int:
+        collections.append(args)
+        return 0
+
+    monkeypatch.setattr(gc, "collect", collect)
     engine.batch.interrupt()
+    monkeypatch.undo()
     assert not engine.batch.running()  # its thread is gone when interrupt() returns
+    assert collections == []
     for t in threads:
         t.join(60)
     for i in (0, 1):
@@ -211,6 +223,29 @@ def test_a_job_whose_batch_step_is_interrupted_goes_on_unchanged(
         assert results[i].completion_tokens == solo[i].completion_tokens
         assert results[i].finish_reason == "length"
     assert engine.healthy()
+
+
+def test_a_model_on_eager_attention_gets_it_back_when_the_batch_stops(
+    tiny_gemma_dir: Path, solo: list[GenerationResult]
+) -> None:
+    """The batch switches an eager model to paged attention while it runs; once its thread
+    stops (interrupted, or idle), the job alone decodes on the model's own attention again,
+    with the same answers."""
+    loaded = load_tiny(tiny_entry(tiny_gemma_dir, serving={"dtype": "float32"}), tiny_gemma_dir)
+    loaded.model.set_attn_implementation("eager")
+    engine = make_engine(loaded, 512, concurrency=4)
+    try:
+        engine.warmup()
+        assert engine.batch is not None
+        got = _first_then_others(engine, _ask(QUESTIONS[0]), [_ask(QUESTIONS[1])])
+        assert [r.text for r in got] == [solo[0].text, solo[1].text]
+        assert got[1].path == "batch"
+        engine.batch.interrupt()  # (a no-op if its idle stop came first)
+        assert loaded.model.config._attn_implementation == "eager"
+        again = engine.generate(_ask(QUESTIONS[2]), LONG, on_text=lambda _t: None)
+        assert again.path == "single" and again.text == solo[2].text
+    finally:
+        engine.close()
 
 
 def test_images_and_seeds_decode_alone_beside_the_batch(

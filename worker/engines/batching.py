@@ -175,6 +175,9 @@ class BatchDecoder:
             per_request_processors=True,
             use_cuda_graph=True if self.cuda_graphs else None,
         )
+        # The manager switches the model to paged attention; the single-stream path needs its
+        # own back whenever the batch's thread stops (:meth:`_stop_now`).
+        self._own_attention: str = model.config._attn_implementation
         with torch.inference_mode():
             self._manager = model.init_continuous_batching(
                 generation_config=config, continuous_batching_config=cb_config
@@ -278,15 +281,25 @@ class BatchDecoder:
                 self._stop_now()
 
     def _stop_now(self) -> None:
-        """Stop the manager's thread (holding ``_life``), without its idle wait: an idle loop
-        sleeps up to 0.1 s between looks for work, and a stop request alone does not wake it
-        (transformers 5.25), so the request is made first and the loop woken after it."""
-        status = getattr(self._manager, "background_thread_status", None)
-        wake = getattr(self._manager, "_wake_up_loop", None)
-        if status is not None and wake is not None:
-            status.request_stop(status.FLUSH_AND_STOP, 0)
-            wake.set()
-        self._manager.stop(block=True, keep_for_next_session=True)
+        """Stop the manager's thread (holding ``_life``) and give the model back its own
+        attention: what the manager's ``stop`` does for a kept manager, without two costs that
+        fell on a clinician's first token after an interrupt (docs/BENCHMARKS.md §11):
+
+        * an idle loop sleeps up to 0.1 s between looks for work, and a stop request alone
+          does not wake it (transformers 5.25), so the loop is woken after the request;
+        * ``stop`` ends with a full garbage collection, which took ~10 ms in a warm worker (the
+          objects made since its heap was frozen) with the GIL held, while the clinician's
+          prefill waited. The manager and its cache are kept, so it has nothing large to free;
+          Python's own collector still runs as usual.
+        """
+        status = self._manager.background_thread_status
+        status.request_stop(status.FLUSH_AND_STOP, 0)
+        self._manager._wake_up_loop.set()
+        thread = self._manager_thread()
+        if thread is not None:
+            thread.join()
+        if self._model.config._attn_implementation != self._own_attention:
+            self._model.set_attn_implementation(self._own_attention)
 
     def _dispatch(self) -> None:
         try:
