@@ -16,9 +16,11 @@ per model. Options chosen for long GPU jobs on Redis:
   the consumer's loop wakes, so the worker wakes it every 20 ms (``worker/runtime/celery_app.py``);
   measured, the cost is then +0.8 ms p50 time to first token at 8 streams on 8 slots and
   +18 ms (4.5%) when jobs queue (docs/BENCHMARKS.md), instead of +600 ms without the timer.
-* ``queue_order_strategy = "priority"``: a worker reads its queues in the order it lists them,
-  the model's interactive queue before its background one (``shared.protocol.celery_queue``),
-  so a waiting clinician's job is always taken first (kombu's default rotates between them).
+* ``queue_order_strategy`` = :class:`LineOrder`: a worker reads its model's lines in a fixed
+  order (``shared.protocol.LINES``): promoted background work, then interactive, then
+  background, so a waiting clinician's job is taken before any background work that has not
+  waited its share (kombu's default rotates between queues; its ``"priority"`` order is the
+  order they were added, which the worker's intake changes as it stops and resumes reading one).
 * JSON only, no result backend: results travel as token events on pub/sub, not through
   Celery's result store, and nothing in Redis is a pickle.
 * Publishing retries briefly and then fails, so the gateway can answer 503 during a Redis
@@ -29,9 +31,20 @@ from __future__ import annotations
 
 from typing import Any
 
+from kombu.utils.scheduling import priority_cycle
+
+from shared.protocol import line_rank
 from shared.redis_url import celery_broker
 
 VISIBILITY_TIMEOUT_S = 6 * 3600
+
+
+class LineOrder(priority_cycle):
+    """kombu's queue order for a Redis consumer (``queue_order_strategy``, imported by name):
+    the queues it reads now, by their line, whatever order they were added in."""
+
+    def consume(self, n: int) -> list[str]:
+        return sorted(self.items[:n], key=line_rank)
 
 
 def celery_options(redis_url: str) -> dict[str, Any]:
@@ -46,7 +59,7 @@ def celery_options(redis_url: str) -> dict[str, Any]:
         "worker_prefetch_multiplier": 1,
         "broker_transport_options": {
             "visibility_timeout": VISIBILITY_TIMEOUT_S,
-            "queue_order_strategy": "priority",
+            "queue_order_strategy": f"{__name__}:{LineOrder.__name__}",
             **transport,
         },
         "broker_connection_retry_on_startup": True,

@@ -11,7 +11,7 @@ key                                       type        what
 ``{p}:job:{job_id}:meta``                 string      owner, API format and outcome (JobMeta, TTL)
 ``{p}:job:{job_id}:payload``              string      the Job itself, to hand it over (TTL)
 ``{p}:job:{job_id}:handover:{n}``         string      guard: the n-th handover was sent (TTL)
-``{p}:job:{job_id}:promoted``             string      guard: background job re-sent as interactive
+``{p}:job:{job_id}:promoted``             string      guard: background job sent again, promoted
 ``{p}:job:{job_id}:cancel``               string      set when the job is cancelled (TTL)
 ``{p}:job:{job_id}:watchers``             string      open SSE streams of the job (TTL)
 ``{p}:cancel``                            channel     job ids to cancel, heard by every worker

@@ -29,10 +29,23 @@ GENERATE_TASK = "medgemma.generate"
 Priority = Literal["interactive", "background"]
 PRIORITIES: Final[tuple[Priority, ...]] = ("interactive", "background")
 
+#: The Celery lines of one model, in the order a worker reads them. ``promoted``: background work
+#: that waited its share (``Job.promoted``), taken before anything else but only into a
+#: background slot, so a flood that never ends cannot starve it nor take the clinicians' slots.
+Line = Literal["promoted", "interactive", "background"]
+LINES: Final[tuple[Line, ...]] = ("promoted", "interactive", "background")
 
-def celery_queue(queue: str, priority: Priority) -> str:
-    """The Celery queue of a model's ``queue`` for jobs of ``priority``."""
-    return queue if priority == "interactive" else f"{queue}@{priority}"
+
+def celery_queue(queue: str, line: Line) -> str:
+    """The Celery queue of a model's ``queue`` for jobs of ``line``."""
+    return queue if line == "interactive" else f"{queue}@{line}"
+
+
+def line_rank(celery_queue_name: str) -> int:
+    """Where a Celery queue of :func:`celery_queue` comes in :data:`LINES` (a worker reads the
+    lower first; see ``shared.celery_config.LineOrder``)."""
+    _, at, line = celery_queue_name.rpartition("@")
+    return LINES.index(line) if at and line in LINES else LINES.index("interactive")
 
 
 class _Message(BaseModel):
@@ -161,9 +174,23 @@ class Job(_Message):
     yields_until: float | None = Field(
         default=None,
         description="For background work: Unix time until which it gives way to interactive "
-        "work (waits, or pauses in the worker); after it, it runs like interactive work, so "
-        "nothing starves (GATEWAY_BACKGROUND_MAX_WAIT_S after enqueueing).",
+        "work (waits, or pauses in the worker); after it, it no longer does, and if it still "
+        "waits it is promoted, so nothing starves (GATEWAY_BACKGROUND_MAX_WAIT_S after "
+        "enqueueing).",
     )
+    promoted: bool = Field(
+        default=False,
+        description="Background work sent again once past its yields_until, on its model's "
+        "promoted line: workers take it first, into a background slot, and it no longer "
+        "gives way.",
+    )
+
+    @property
+    def line(self) -> Line:
+        """The Celery line this job waits in."""
+        if self.priority == "interactive":
+            return "interactive"
+        return "promoted" if self.promoted else "background"
 
 
 # --- events -----------------------------------------------------------------------------------
@@ -267,7 +294,7 @@ QUEUE_WINDOW_S = 60.0  # the drain rate is measured over this window
 def record_start(pipe: Any, keys: Keys, model: str, job_id: str, now: float) -> None:
     """Queue the commands a worker runs when it takes a job: it leaves the line and counts
     towards the model's drain rate."""
-    for priority in PRIORITIES:  # (a promoted background job may be in either line)
+    for priority in PRIORITIES:  # (the worker does not know the job's class here)
         pipe.zrem(keys.queue_book(model, priority), job_id)
     starts = keys.queue_starts(model)
     pipe.zadd(starts, {job_id: now})

@@ -9,7 +9,9 @@ visible: without it, a background job would simply take the free slot.
 * A background job that is running when interactive work arrives pauses (no token while the
   interactive answer streams) and then continues exactly where it stopped.
 * Under a steady interactive load, a background job still finishes: once it has waited
-  ``GATEWAY_BACKGROUND_MAX_WAIT_S`` it runs like interactive work.
+  ``GATEWAY_BACKGROUND_MAX_WAIT_S`` it is promoted and taken first into a background slot.
+* Promoted work never takes the slots kept for clinicians: under a background flood that
+  outlasts its share of waiting, a clinician still starts at once.
 * How a request names its class: ``priority``, a ``<model>@background`` alias (listed in
   ``/v1/models`` for a front end's task model), OpenAI's ``service_tier: "flex"``, or a key
   whose default is background.
@@ -160,6 +162,47 @@ def test_background_work_finishes_under_a_steady_interactive_load(worker: Stack)
     # It waited its share behind the clinicians, then ran: not starved.
     assert took >= MAX_WAIT_S - 1, f"it ran after {took:.1f}s, before its share of waiting"
     assert took < MAX_WAIT_S + 30
+
+
+SHORT_WAIT_S = 3.0
+
+
+@pytest.fixture(scope="module")
+def short_wait(tmp_path_factory: pytest.TempPathFactory, tiny_gemma_dir: Path) -> Iterator[Stack]:
+    """Two slots, one of them for background work, which waits its share for 3 s only."""
+    settings = {
+        "WORKER_CONCURRENCY": "2",
+        "GATEWAY_IDLE_TIMEOUT_S": "20",
+        "GATEWAY_BACKGROUND_MAX_WAIT_S": str(SHORT_WAIT_S),
+    }
+    with slow_model_stack(
+        tmp_path_factory.mktemp("short-wait"), tiny_gemma_dir, workers=1, settings=settings
+    ) as s:
+        yield s
+
+
+def test_promoted_background_work_leaves_the_clinicians_slot_free(short_wait: Stack) -> None:
+    report = stream_in_background(short_wait, _ask(2, priority="background"))  # 200 tokens, 10 s
+    _first_token(report, 30)  # it holds the one background slot
+    title = stream_in_background(short_wait, _ask(0, priority="background"))
+    assert title.wait_for_events(1, 10)  # in line: the background slot is taken
+    promoted = Keys().job_promoted(title.job_id)
+    with redis.Redis.from_url(short_wait.redis_url) as r:
+        deadline = time.monotonic() + SHORT_WAIT_S + 10
+        while not r.exists(promoted):  # it waited its share: sent again, on the promoted line
+            assert time.monotonic() < deadline, "the title was never promoted"
+            time.sleep(0.05)
+    clinician = stream_in_background(short_wait, _ask(0))  # 50 tokens, 2.5 s
+    clinician_started = _first_token(clinician, 30)
+    finished(clinician, 30)
+    report_done = finished(report, 30)
+    title_started = _first_token(title, 30)
+    # The slot kept for clinicians stayed free for the clinician: the promoted title did not
+    # take it, and started as soon as the background slot was free, before any other work.
+    assert clinician_started < report.at[-1], "the clinician waited for the background report"
+    assert title_started >= report.at[-1], "promoted work took a slot kept for clinicians"
+    _whole(title, finished(title, 30))
+    _whole(report, report_done)
 
 
 def _meta(stack: Stack, job_id: str) -> JobMeta:

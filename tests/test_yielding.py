@@ -34,12 +34,30 @@ def test_background_intake_closes_while_interactive_work_runs_and_when_its_slots
     assert classes.try_start(title)
     assert not classes.accepts_background()  # its one slot is taken
     assert not classes.try_start(_job("background-2", background=True))
-    late = _job("background-3", background=True).model_copy(update={"yields_until": 0.0})
-    assert classes.try_start(late)  # waited its share: taken like interactive work
-    assert classes.try_start(_job("interactive-2"))  # interactive work always is
-    for job in (title, late, _job("interactive-2")):
+    colleague = _job("interactive-2")
+    assert classes.try_start(colleague)  # interactive work always is taken
+    for job in (title, colleague):
         classes.ended(job)
     assert classes.accepts_background() and classes.running == 0
+
+
+def test_background_work_that_waited_its_share_goes_beside_clinicians_but_only_in_its_slots() -> (
+    None
+):
+    classes = WorkClasses(background_slots=1)
+    clinician = _job("interactive-1")
+    assert classes.try_start(clinician)
+    promoted = _job("background-1", background=True).model_copy(update={"promoted": True})
+    late = _job("background-2", background=True).model_copy(update={"yields_until": 0.0})
+    assert not classes.accepts_background() and classes.accepts_promoted()
+    assert classes.try_start(promoted)  # beside the clinician: it no longer gives way
+    assert not classes.must_yield(promoted)
+    assert not classes.accepts_promoted()  # but the background slot is now taken
+    assert not classes.try_start(late)  # (past its share, not yet promoted: the same rule)
+    assert classes.try_start(_job("interactive-2"))  # clinicians still find room
+    classes.ended(promoted)
+    assert classes.try_start(late)
+    assert not classes.must_yield(late)
 
 
 def test_background_work_pauses_only_while_interactive_work_runs_and_only_until_its_share() -> None:

@@ -23,7 +23,7 @@ from redis.retry import Retry
 
 from shared.keys import Keys
 from shared.logs import configure_logging
-from shared.protocol import WorkerHeartbeat, celery_queue
+from shared.protocol import LINES, WorkerHeartbeat, celery_queue
 from shared.redis_url import credentials_refused, sync_redis
 from shared.registry import RegistryError, load_registry
 from worker.engines.base import GenerationEngine
@@ -255,19 +255,19 @@ def main() -> int:
     signals.worker_ready.connect(on_ready, weak=False)
     signals.worker_shutdown.connect(on_shutdown, weak=False)
 
-    background_queue = celery_queue(entry.queue, "background")
+    background, promoted = (celery_queue(entry.queue, line) for line in ("background", "promoted"))
     app = create_celery(
         settings.redis_url,
         runner,
         shutdown_grace_s=settings.worker_shutdown_grace_s,
-        background_queue=background_queue,
+        intakes={background: runner.accepts_background, promoted: runner.accepts_promoted},
     )
     try:
         app.worker_main(
             [
                 "worker",
-                "--queues",  # in this order: interactive work first
-                f"{entry.queue},{background_queue}",
+                "--queues",  # read in the order of shared.protocol.LINES
+                ",".join(celery_queue(entry.queue, line) for line in LINES),
                 "--pool",
                 "threads",
                 "--concurrency",

@@ -37,7 +37,8 @@ class WorkerSettings(CommonSettings):
         "runs at once, so interactive work always finds room; 0: half of "
         "WORKER_CONCURRENCY (at least 1). A worker takes background work only while it runs "
         "no interactive job, and a running background job pauses while interactive work runs "
-        "beside it (until GATEWAY_BACKGROUND_MAX_WAIT_S after it was sent).",
+        "beside it (until GATEWAY_BACKGROUND_MAX_WAIT_S after it was sent; past that, it is "
+        "taken before other work, still into these slots).",
     )
     worker_batching: Literal["auto", "always", "off"] = Field(
         default="auto",

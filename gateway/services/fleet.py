@@ -28,7 +28,7 @@ from redis.asyncio import Redis
 
 from gateway.services.queue_book import QueueBook
 from shared.keys import Keys
-from shared.protocol import PRIORITIES, WorkerHeartbeat, celery_queue
+from shared.protocol import LINES, WorkerHeartbeat, celery_queue
 from shared.registry import Registry
 
 logger = logging.getLogger(__name__)
@@ -38,11 +38,11 @@ PRIORITY_LISTS = range(1, 10)  # kombu's default steps are 3, 6, 9; count every 
 
 
 def celery_lists(queue: str) -> list[str]:
-    """The Redis lists that hold a model queue's waiting messages: its interactive and
-    background Celery queues, every kombu priority of each included."""
+    """The Redis lists that hold a model queue's waiting messages: the Celery queue of each of
+    its lines, every kombu priority of each included."""
     return [
         name
-        for q in (celery_queue(queue, p) for p in PRIORITIES)
+        for q in (celery_queue(queue, line) for line in LINES)
         for name in [q] + [f"{q}{PRIORITY_SEP}{n}" for n in PRIORITY_LISTS]
     ]
 

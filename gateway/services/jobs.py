@@ -196,11 +196,11 @@ class JobService:
             await self._redis.delete(*(self.image_key(job_id, n) for n in range(count)))
 
     def _send(self, job: Job, queue: str) -> None:
-        """Send ``job`` to the Celery queue of its class (``queue``: the model's queue)."""
+        """Send ``job`` to the Celery queue of its line (``queue``: the model's queue)."""
         self._celery.send_task(
             GENERATE_TASK,
             args=[job.model_dump(mode="json")],
-            queue=celery_queue(queue, job.priority),
+            queue=celery_queue(queue, job.line),
             task_id=job.job_id,
             # What Celery logs and shows (e.g. in Flower) instead of the prompt.
             argsrepr=f"<job {job.job_id}>",
@@ -254,7 +254,7 @@ class JobService:
                 except BaseException:
                     await self.book.forget(job)
                     raise
-                logger.info("job %s enqueued on %s", job.job_id, celery_queue(queue, job.priority))
+                logger.info("job %s enqueued on %s", job.job_id, celery_queue(queue, job.line))
                 yield sub
         except (RedisError, OSError, TimeoutError) as exc:
             logger.warning("cannot submit job %s: %s", job.job_id, type(exc).__name__)
@@ -297,11 +297,12 @@ class JobService:
         return self._queues.get(job.model, job.model)
 
     async def promote(self, job_id: str) -> bool:
-        """Send a background job that waited past its ``yields_until`` again, as interactive
-        work, so a steady interactive load cannot starve it. Once per job (a guard key holds
-        across gateways), and only while no worker holds it (under ``WATCH`` of its claim);
-        the copy left in the background queue is skipped by the worker that takes it (the
-        claim). True if this call sent it."""
+        """Send a background job that waited past its ``yields_until`` again, on its model's
+        promoted line: workers take it before any other work, into a background slot (never
+        one kept for clinicians), so neither a steady interactive load nor a background flood
+        starves it. Once per job (a guard key holds across gateways), and only while no
+        worker holds it (under ``WATCH`` of its claim); the copy left in the background
+        queue is skipped by the worker that takes it (the claim). True if this call sent it."""
         claim = self._keys.job_claim(job_id)
         async with self._redis.pipeline(transaction=True) as pipe:
             await pipe.watch(claim, self._keys.job_promoted(job_id))
@@ -309,17 +310,16 @@ class JobService:
             if raw is None or await pipe.exists(claim, self._keys.job_promoted(job_id)):
                 return False
             job = Job.model_validate_json(raw)
-            if job.priority != "background":
+            if job.line != "background":
                 return False
-            promoted = job.model_copy(update={"priority": "interactive"})
+            promoted = job.model_copy(update={"promoted": True})
             pipe.multi()  # type: ignore[no-untyped-call]
             pipe.set(self._keys.job_promoted(job_id), "1", ex=self._job_ttl_s)
             pipe.set(self._keys.job_payload(job_id), promoted.model_dump_json(), ex=self._job_ttl_s)
-            self.book.move(pipe, job, "interactive")
             try:
                 await pipe.execute()
             except WatchError:
                 return False  # a worker took it, or another gateway promoted it, meanwhile
         await anyio.to_thread.run_sync(self._send, promoted, self._queue_of(promoted))
-        logger.info("job %s: background work waited its share; sent as interactive", job_id)
+        logger.info("job %s: background work waited its share; sent on the promoted line", job_id)
         return True

@@ -8,7 +8,8 @@ takes it removes it and records the start in ``{p}:starts:{model}``. From these:
   dropped: those jobs are answered with ``queue_timeout`` by whichever worker takes them);
 * **drain rate** — jobs started per second over the last minute, measured, not assumed;
 * **position** — a job's rank in line (a background job's counts every interactive job
-  waiting), and its ETA = position / drain rate.
+  waiting, even once it is promoted and goes before them: an upper bound), and its ETA =
+  position / drain rate.
 
 Our own book is used rather than Celery's lists because it gives a job's position cheaply, and
 it is not fooled by the extra lists Celery's Redis transport keeps per priority.
@@ -93,12 +94,6 @@ class QueueBook:
 
     async def forget(self, job: Job) -> None:
         await self._redis.zrem(self._keys.queue_book(job.model, job.priority), job.job_id)
-
-    def move(self, pipe: Pipeline, job: Job, to: Priority) -> None:
-        """Queue the commands that move ``job`` to the line of ``to``, keeping its place by
-        age."""
-        pipe.zrem(self._keys.queue_book(job.model, job.priority), job.job_id)
-        self.add(pipe, job.model_copy(update={"priority": to}))
 
     async def position(self, model: str, job_id: str) -> tuple[int, float] | None:
         """(place in line starting at 1, estimated seconds to start), or None if not waiting.

@@ -13,8 +13,9 @@ A job the gateway follows is in one :class:`Phase`::
 
 * **QUEUED**: in line, no worker holds its claim. Bounded by the start deadline (plus a grace
   for the worker to report); a ``queued`` event goes out whenever its place in line changes.
-  Background work still waiting at its ``yields_until`` is sent again as interactive work
-  (:meth:`JobService.promote`), so a steady interactive load cannot starve it.
+  Background work still waiting at its ``yields_until`` is sent again on its model's promoted
+  line (:meth:`JobService.promote`), which workers read first into their background slots, so
+  a steady interactive load cannot starve it.
 * **RUNNING**: a worker holds the claim. Bounded by the idle timeout between events (and,
   before the first token, by the start deadline or the idle timeout from the claim, whichever
   is later: prefill may be long).
@@ -152,7 +153,7 @@ class _Watch:
     progressing: bool = False  # tokens flow: silence is bounded by the idle timeout
     place: tuple[int, float] | None = None
     outage_since: float | None = None
-    promoted: bool = False  # background work sent again as interactive (or found running)
+    promoted: bool = False  # background work sent again, promoted (or found running)
     sent_at: float = 0.0  # wall time the gateway last handed the job over (0: never)
 
 

@@ -8,12 +8,13 @@ Celery validates the JSON into :class:`shared.protocol.Job`.
 A job that fails validation is logged by its error count only (pydantic's messages would
 quote the prompt).
 
-**Background intake**: the worker consumes its model's interactive queue and, after it
-(``queue_order_strategy = "priority"``), the background queue. :class:`_BackgroundIntake`
-stops reading the background queue while the runner says no (an interactive job runs here,
-or the background slots are full) and reads it again when it says yes, with Celery's own
-``cancel_task_queue`` / ``add_task_queue`` (the remote-control mechanism, made safe against a
-message read while cancelling, celery #1773), from the consumer's own event loop.
+**Intakes**: the worker consumes its model's lines in the order of ``shared.protocol.LINES``
+(``shared.celery_config.LineOrder``): promoted background work, interactive work, background
+work. An :class:`_Intake` per background line stops reading it while the runner says no (the
+background slots are full; for the background queue, also while an interactive job runs here)
+and reads it again when it says yes, with Celery's own ``cancel_task_queue`` /
+``add_task_queue`` (the remote-control mechanism, made safe against a message read while
+cancelling, celery #1773), from the consumer's own event loop.
 """
 
 from __future__ import annotations
@@ -55,9 +56,9 @@ def _noop() -> None:
     pass
 
 
-class _BackgroundIntake(bootsteps.StartStopStep):  # type: ignore[misc]
-    """Reads the background queue only while ``accepts()`` (looked at every
-    ``SLOT_CHECK_S`` on the consumer's loop). Subclassed per app with its queue and test."""
+class _Intake(bootsteps.StartStopStep):  # type: ignore[misc]
+    """Reads a queue only while ``accepts()`` (looked at every ``SLOT_CHECK_S`` on the
+    consumer's loop). Subclassed per queue with its name and test."""
 
     requires = ("celery.worker.consumer.tasks:Tasks",)
     queue: ClassVar[str]
@@ -68,7 +69,7 @@ class _BackgroundIntake(bootsteps.StartStopStep):  # type: ignore[misc]
         if hub is None:
             return
         queue, accepts = self.queue, type(self).accepts
-        reading = True  # the worker starts on both queues
+        reading = True  # the worker starts on all its queues
 
         def look() -> None:
             nonlocal reading
@@ -79,14 +80,14 @@ class _BackgroundIntake(bootsteps.StartStopStep):  # type: ignore[misc]
                 c.add_task_queue(queue)
             else:
                 c.cancel_task_queue(queue)
-            logger.debug("background intake %s", "open" if reading else "closed")
+            logger.debug("intake of %s %s", queue, "open" if reading else "closed")
 
         hub.call_repeatedly(SLOT_CHECK_S, look)
 
 
 class _QuietToggles(logging.Filter):
-    """Celery logs every queue it starts or stops reading at INFO; the intake toggles with
-    every interactive job, so those lines are dropped (the toggle logs at DEBUG)."""
+    """Celery logs every queue it starts or stops reading at INFO; the intakes toggle with
+    every interactive or background job, so those lines are dropped (they log at DEBUG)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         return record.msg not in ("Canceling queue %s", "Started consuming from %s")
@@ -97,20 +98,18 @@ def create_celery(
     runner: JobRunner,
     *,
     shutdown_grace_s: float,
-    background_queue: str | None = None,
+    intakes: dict[str, Callable[[], bool]] | None = None,
 ) -> Celery:
+    """``intakes``: the queues read only while their test says yes (see :class:`_Intake`)."""
     app = Celery("medgemma-worker")
     app.conf.update(celery_options(redis_url))
     # SIGTERM: stop taking jobs, let running ones finish for up to this long (Celery 5.5+).
     app.conf.worker_soft_shutdown_timeout = shutdown_grace_s
     app.steps["consumer"].add(_SlotWatch)
-    if background_queue is not None:
-        intake = type(
-            "BackgroundIntake",
-            (_BackgroundIntake,),
-            {"queue": background_queue, "accepts": staticmethod(runner.accepts_background)},
-        )
+    for n, (queue, accepts) in enumerate((intakes or {}).items()):
+        intake = type(f"Intake{n}", (_Intake,), {"queue": queue, "accepts": staticmethod(accepts)})
         app.steps["consumer"].add(intake)
+    if intakes:
         logging.getLogger("celery.worker.consumer.consumer").addFilter(_QuietToggles())
 
     @app.task(name=GENERATE_TASK, ignore_result=True, bind=True)  # type: ignore[untyped-decorator]

@@ -123,6 +123,10 @@ class JobRunner:
         """Whether this worker should take background work now (read by the consumer)."""
         return self.classes.accepts_background()
 
+    def accepts_promoted(self) -> bool:
+        """Whether this worker should take promoted background work now (the consumer)."""
+        return self.classes.accepts_promoted()
+
     def run(self, job: Job) -> None:
         """Run ``job``; :class:`Deferred` if it is background work this worker must not take
         now (nothing was done: send it back to its queue)."""

@@ -2,11 +2,13 @@
 
 The runner's threads (one per Celery slot) share one :class:`WorkClasses`:
 
-* **Intake** (:meth:`accepts_background`, read by the consumer every few ms, see
-  :mod:`worker.runtime.celery_app`): the worker reads its background queue only while it runs
-  no interactive job and has a background slot free, so interactive work always finds room.
-  The consumer may still take a few messages between two looks: :meth:`try_start` refuses
-  those, and the task sends them back to their queue.
+* **Intake** (:meth:`accepts_background` and :meth:`accepts_promoted`, read by the consumer
+  every few ms, see :mod:`worker.runtime.celery_app`): the worker reads its background queue
+  only while it runs no interactive job and has a background slot free, and its promoted line
+  (background work that waited its share) whenever a background slot is free. Background work
+  of either line never holds more than the background slots, so interactive work always finds
+  room. The consumer may still take a few messages between two looks: :meth:`try_start`
+  refuses those, and the task sends them back to their queue.
 * **Pause** (:meth:`must_yield`): a running background job stops after its current token
   while interactive work runs here, and :meth:`wait_for_room` holds it (claim and text kept)
   until no interactive job is left — or its ``yields_until`` has passed: then it no longer
@@ -44,14 +46,20 @@ class WorkClasses:
         return len(self._background_jobs)
 
     def accepts_background(self) -> bool:
-        return self.interactive == 0 and self.background < self._background_slots
+        return self.interactive == 0 and self.accepts_promoted()
+
+    def accepts_promoted(self) -> bool:
+        return self.background < self._background_slots
 
     def try_start(self, job: Job) -> bool:
         """Count ``job`` as running, unless it is background work this worker must not take
-        now (an interactive job runs here, or every background slot is busy): Celery can
-        deliver a few messages between two looks of the intake, so the rule is held here."""
+        now: every background slot is busy, or it still gives way and an interactive job runs
+        here. Celery can deliver a few messages between two looks of the intake, so the rule
+        is held here."""
         with self._changed:
-            if self._yields(job) and not self.accepts_background():
+            if job.priority == "background" and not (
+                self.accepts_background() if self._yields(job) else self.accepts_promoted()
+            ):
                 return False
             self._count(job, +1)
             return True
@@ -74,6 +82,7 @@ class WorkClasses:
     def _yields(self, job: Job) -> bool:
         return (
             job.priority == "background"
+            and not job.promoted
             and job.yields_until is not None
             and self._clock() < job.yields_until
         )
