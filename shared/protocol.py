@@ -173,10 +173,10 @@ class Job(_Message):
     priority: Priority = "interactive"
     yields_until: float | None = Field(
         default=None,
-        description="For background work: Unix time until which it gives way to interactive "
-        "work (waits, or pauses in the worker); after it, it no longer does, and if it still "
-        "waits it is promoted, so nothing starves (GATEWAY_BACKGROUND_MAX_WAIT_S after "
-        "enqueueing).",
+        description="For background work: Unix time until which it waits in line behind "
+        "interactive work (GATEWAY_BACKGROUND_MAX_WAIT_S after enqueueing); a job still "
+        "waiting then is promoted. Once running, it pauses for interactive work for at most as "
+        "long again in all (share_s), so nothing starves.",
     )
     promoted: bool = Field(
         default=False,
@@ -184,6 +184,14 @@ class Job(_Message):
         "promoted line: workers take it first, into a background slot, and it no longer "
         "gives way.",
     )
+
+    @property
+    def share_s(self) -> float | None:
+        """Background work: how long it gives way to interactive work, in line (until
+        ``yields_until``) and, in all, paused in a worker; None for interactive work."""
+        if self.yields_until is None:
+            return None
+        return max(0.0, self.yields_until - self.enqueued_at)
 
     @property
     def line(self) -> Line:

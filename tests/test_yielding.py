@@ -41,44 +41,56 @@ def test_background_intake_closes_while_interactive_work_runs_and_when_its_slots
     assert classes.accepts_background() and classes.running == 0
 
 
-def test_background_work_that_waited_its_share_goes_beside_clinicians_but_only_in_its_slots() -> (
-    None
-):
+def test_promoted_background_work_goes_beside_clinicians_but_only_in_its_slots() -> None:
     classes = WorkClasses(background_slots=1)
     clinician = _job("interactive-1")
     assert classes.try_start(clinician)
     promoted = _job("background-1", background=True).model_copy(update={"promoted": True})
     late = _job("background-2", background=True).model_copy(update={"yields_until": 0.0})
     assert not classes.accepts_background() and classes.accepts_promoted()
-    assert classes.try_start(promoted)  # beside the clinician: it no longer gives way
-    assert not classes.must_yield(promoted)
-    assert not classes.accepts_promoted()  # but the background slot is now taken
-    assert not classes.try_start(late)  # (past its share, not yet promoted: the same rule)
+    assert not classes.try_start(late)  # not promoted (a copy left in line): it still waits
+    assert classes.try_start(promoted)  # beside the clinician, into the background slot
+    assert not classes.accepts_promoted()  # which is now taken
+    again = _job("background-3", background=True).model_copy(update={"promoted": True})
+    assert not classes.try_start(again)
     assert classes.try_start(_job("interactive-2"))  # clinicians still find room
-    classes.ended(promoted)
-    assert classes.try_start(late)
-    assert not classes.must_yield(late)
+    assert classes.must_yield(promoted)  # running, it still pauses for them, up to its share
 
 
-def test_background_work_pauses_only_while_interactive_work_runs_and_only_until_its_share() -> None:
-    classes = WorkClasses(background_slots=2)
-    title, late = _job("background-1", background=True), _job("background-2", background=True)
-    late = late.model_copy(update={"yields_until": time.time() - 1})  # waited its share
-    assert not classes.must_yield(title)
+def test_background_work_pauses_while_interactive_work_runs_for_its_share_in_all() -> None:
+    now = [1000.0]
+    classes = WorkClasses(background_slots=2, clock=lambda: now[0])
+    title = _job("background-1", background=True, yields_for_s=10.0)  # its share: 10 s
+    assert classes.try_start(title)
+    assert not classes.must_yield(title)  # nobody to give way to
     clinician = _job("interactive-1")
     assert classes.try_start(clinician)
-    assert classes.must_yield(title) and not classes.must_yield(late)
-    assert not classes.must_yield(clinician)
-    resumed = threading.Event()
+    assert classes.must_yield(title) and not classes.must_yield(clinician)
 
-    def paused() -> None:
-        classes.wait_for_room(title, stopped=lambda: False)
-        resumed.set()
+    def pause() -> threading.Event:
+        resumed = threading.Event()
 
-    threading.Thread(target=paused).start()
-    assert not resumed.wait(0.3)  # held while the clinician's job runs
+        def paused() -> None:
+            classes.wait_for_room(title, stopped=lambda: False)
+            resumed.set()
+
+        threading.Thread(target=paused).start()
+        return resumed
+
+    first = pause()
+    assert not first.wait(0.3)  # held while the clinician's job runs
+    now[0] += 6
+    assert not first.wait(0.5)  # 6 s of its 10
     classes.ended(clinician)
-    assert resumed.wait(5)
+    assert first.wait(5)  # no interactive work left: it resumes
+    colleague = _job("interactive-2")
+    assert classes.try_start(colleague)
+    assert classes.must_yield(title)
+    second = pause()
+    assert not second.wait(0.3)
+    now[0] += 5  # 11 s paused in all: its share is spent
+    assert second.wait(5)
+    assert not classes.must_yield(title)  # it runs beside the clinician now: nothing starves
 
 
 def test_an_interactive_job_goes_ahead_of_the_batch_only_when_everyone_else_pauses_for_it() -> None:
@@ -97,8 +109,8 @@ def test_an_interactive_job_goes_ahead_of_the_batch_only_when_everyone_else_paus
     assert not classes.others_yield(colleague)  # another clinician's job does not pause
     classes.ended(colleague)
     classes.ended(tags)
-    late = _job("background-3", background=True).model_copy(update={"yields_until": 0.0})
-    assert classes.try_start(late)  # waited its share: it keeps decoding
+    late = _job("background-3", background=True, yields_for_s=0.0)  # no share: never pauses
+    assert classes.try_start(late.model_copy(update={"promoted": True}))
     assert not classes.others_yield(clinician)
     for job in (clinician, title, late):
         classes.ended(job)

@@ -37,8 +37,8 @@ class WorkerSettings(CommonSettings):
         "runs at once, so interactive work always finds room; 0: half of "
         "WORKER_CONCURRENCY (at least 1). A worker takes background work only while it runs "
         "no interactive job, and a running background job pauses while interactive work runs "
-        "beside it (until GATEWAY_BACKGROUND_MAX_WAIT_S after it was sent; past that, it is "
-        "taken before other work, still into these slots).",
+        "beside it (for GATEWAY_BACKGROUND_MAX_WAIT_S at most in all). Background work that "
+        "waited that long in line is taken before other work, still into these slots.",
     )
     worker_batching: Literal["auto", "always", "off"] = Field(
         default="auto",

@@ -91,10 +91,10 @@ class GatewaySettings(CommonSettings):
         gt=0,
         description="How long background work (priority background, a model@background "
         "alias, OpenAI service_tier flex, or a key whose default is background) gives way to "
-        "interactive work: it waits behind it in line and pauses in the worker while "
-        "interactive work runs there, for at most this long after it was sent; then it no "
-        "longer gives way, and waiting work is sent again on a line that workers read first "
-        "into their background slots, so nothing starves. Must be below GATEWAY_IDLE_TIMEOUT_S "
+        "interactive work: it waits behind it in line for at most this long (then it is sent "
+        "again on a line that workers read first, into their background slots), and once "
+        "running it pauses while interactive work runs beside it for at most this long in "
+        "all; so nothing starves. Must be below GATEWAY_IDLE_TIMEOUT_S "
         "(a pause is silence); default 30 s, or half the idle timeout if that is less.",
     )
     gateway_redis_max_connections: int = Field(

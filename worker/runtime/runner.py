@@ -10,8 +10,8 @@ This is everything a Celery task does, without Celery, so it can be tested direc
 * **Background work gives way** (:mod:`worker.runtime.yielding`): one that is running when
   interactive work arrives pauses after its current token — it leaves the engine, keeping
   its claim and its text — and continues from that text (the handover's continuation) once
-  no interactive job runs here, or at its ``yields_until`` at the latest, so a steady
-  interactive load cannot starve it: vLLM's preemption by recompute, per job.
+  no interactive job runs here, or once it has paused for its share in all (``Job.share_s``),
+  so a steady interactive load cannot starve it: vLLM's preemption by recompute, per job.
 * **Every job ends with a terminal event** (``done`` or ``error``), whatever fails, so no
   client waits forever. Error messages never contain the prompt or the answer, and neither
   does any log line: logs name the job id, counts and exception types only.

@@ -11,8 +11,12 @@ The runner's threads (one per Celery slot) share one :class:`WorkClasses`:
   refuses those, and the task sends them back to their queue.
 * **Pause** (:meth:`must_yield`): a running background job stops after its current token
   while interactive work runs here, and :meth:`wait_for_room` holds it (claim and text kept)
-  until no interactive job is left — or its ``yields_until`` has passed: then it no longer
-  gives way, so nothing starves.
+  until no interactive job is left — or until it has paused for its share
+  (:attr:`Job.share_s`) in all: then it no longer gives way, so nothing starves. The share is
+  counted from its pauses, not from when it was sent: under a long background flood a job
+  waits in line mostly behind other background work, which is not giving way to anyone, and
+  once the time since sending was the measure, such work ran beside clinicians and their first
+  token waited for the batch's step (docs/BENCHMARKS.md §11).
 
 * **Ahead of the batch** (:meth:`others_yield`): an interactive job that finds only pausing
   background work here decodes alone, on the fast single-stream path, instead of joining the
@@ -39,6 +43,7 @@ class WorkClasses:
         self.running = 0
         self.interactive = 0
         self._background_jobs: dict[str, Job] = {}  # running background jobs, by id
+        self._paused_s: dict[str, float] = {}  # how long each of them has paused so far
         self._changed = threading.Condition()  # notified whenever a count changes
 
     @property
@@ -53,12 +58,12 @@ class WorkClasses:
 
     def try_start(self, job: Job) -> bool:
         """Count ``job`` as running, unless it is background work this worker must not take
-        now: every background slot is busy, or it still gives way and an interactive job runs
-        here. Celery can deliver a few messages between two looks of the intake, so the rule
-        is held here."""
+        now: every background slot is busy, or an interactive job runs here and it has not
+        been promoted. Celery can deliver a few messages between two looks of the intake, so
+        the rule is held here."""
         with self._changed:
             if job.priority == "background" and not (
-                self.accepts_background() if self._yields(job) else self.accepts_promoted()
+                self.accepts_promoted() if job.promoted else self.accepts_background()
             ):
                 return False
             self._count(job, +1)
@@ -75,16 +80,19 @@ class WorkClasses:
                     self._background_jobs[job.job_id] = job
                 else:
                     self._background_jobs.pop(job.job_id, None)
+                    self._paused_s.pop(job.job_id, None)
             else:
                 self.interactive += step
             self._changed.notify_all()
 
-    def _yields(self, job: Job) -> bool:
+    def _yields(self, job: Job, pausing_s: float = 0.0) -> bool:
+        """Whether ``job`` still gives way: background work that has paused for less than its
+        share (``pausing_s``: the pause in progress, not yet counted)."""
+        share = job.share_s
         return (
             job.priority == "background"
-            and not job.promoted
-            and job.yields_until is not None
-            and self._clock() < job.yields_until
+            and share is not None
+            and self._paused_s.get(job.job_id, 0.0) + pausing_s < share
         )
 
     def must_yield(self, job: Job) -> bool:
@@ -104,7 +112,18 @@ class WorkClasses:
             )
 
     def wait_for_room(self, job: Job, stopped: Callable[[], bool]) -> None:
-        """Hold a paused job until it need not give way any more, or must stop."""
+        """Hold a paused job until it need not give way any more, or must stop; the time
+        held counts towards its share."""
+        began = self._clock()
         with self._changed:
-            while self.must_yield(job) and not stopped():
-                self._changed.wait(PAUSE_CHECK_S)
+            try:
+                while (
+                    self.interactive > 0
+                    and self._yields(job, self._clock() - began)
+                    and not stopped()
+                ):
+                    self._changed.wait(PAUSE_CHECK_S)
+            finally:
+                if job.job_id in self._background_jobs:  # (still running here)
+                    spent = self._paused_s.get(job.job_id, 0.0) + self._clock() - began
+                    self._paused_s[job.job_id] = spent
