@@ -253,6 +253,17 @@ def start_stack(
 
 
 @contextlib.contextmanager
+def lone_redis(workdir: Path) -> Iterator[str]:
+    """A redis-server of its own on a free port, data in ``workdir``; yields its URL."""
+    port = free_port()
+    proc = start_redis(port, workdir)
+    try:
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        proc.stop()
+
+
+@contextlib.contextmanager
 def slow_model_stack(
     workdir: Path,
     tiny_dir: Path,

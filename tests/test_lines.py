@@ -5,16 +5,15 @@ then background, whatever order the worker's intakes last added the queues in.""
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 from celery import Celery
 from kombu import Connection, Queue
 
-from devstack.processes import Proc, free_port, start_redis
 from shared.celery_config import celery_options
 from shared.protocol import LINES, celery_queue, line_rank
+from tests.stack import lone_redis
 
 pytestmark = pytest.mark.integration
 
@@ -23,10 +22,8 @@ MODEL_QUEUE = "tiny-gemma"
 
 @pytest.fixture(scope="module")
 def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    port = free_port()
-    proc: Proc = start_redis(port, Path(tmp_path_factory.mktemp("lines-redis")))
-    yield f"redis://127.0.0.1:{port}/0"
-    proc.stop()
+    with lone_redis(tmp_path_factory.mktemp("lines-redis")) as url:
+        yield url
 
 
 def test_line_ranks_follow_lines() -> None:

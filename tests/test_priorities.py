@@ -49,17 +49,21 @@ MODEL = "slow-model"
 MAX_WAIT_S = 10.0
 
 
-@pytest.fixture(scope="module")
-def worker(tmp_path_factory: pytest.TempPathFactory, tiny_gemma_dir: Path) -> Iterator[Stack]:
+def _two_slots(workdir: Path, tiny_gemma_dir: Path, max_wait_s: float) -> Iterator[Stack]:
+    """One worker with two slots, one of them for background work, whose share of giving way
+    is ``max_wait_s``."""
     settings = {
         "WORKER_CONCURRENCY": "2",
         "GATEWAY_IDLE_TIMEOUT_S": "20",
-        "GATEWAY_BACKGROUND_MAX_WAIT_S": str(MAX_WAIT_S),
+        "GATEWAY_BACKGROUND_MAX_WAIT_S": str(max_wait_s),
     }
-    with slow_model_stack(
-        tmp_path_factory.mktemp("priorities"), tiny_gemma_dir, workers=1, settings=settings
-    ) as s:
+    with slow_model_stack(workdir, tiny_gemma_dir, workers=1, settings=settings) as s:
         yield s
+
+
+@pytest.fixture(scope="module")
+def worker(tmp_path_factory: pytest.TempPathFactory, tiny_gemma_dir: Path) -> Iterator[Stack]:
+    yield from _two_slots(tmp_path_factory.mktemp("priorities"), tiny_gemma_dir, MAX_WAIT_S)
 
 
 def _ask(verbosity: int, **fields: object) -> dict[str, object]:
@@ -170,16 +174,7 @@ SHORT_WAIT_S = 4.0
 
 @pytest.fixture(scope="module")
 def short_wait(tmp_path_factory: pytest.TempPathFactory, tiny_gemma_dir: Path) -> Iterator[Stack]:
-    """Two slots, one of them for background work, whose share of waiting is 4 s only."""
-    settings = {
-        "WORKER_CONCURRENCY": "2",
-        "GATEWAY_IDLE_TIMEOUT_S": "20",
-        "GATEWAY_BACKGROUND_MAX_WAIT_S": str(SHORT_WAIT_S),
-    }
-    with slow_model_stack(
-        tmp_path_factory.mktemp("short-wait"), tiny_gemma_dir, workers=1, settings=settings
-    ) as s:
-        yield s
+    yield from _two_slots(tmp_path_factory.mktemp("short-wait"), tiny_gemma_dir, SHORT_WAIT_S)
 
 
 def test_promoted_background_work_leaves_the_clinicians_slot_free_and_still_pauses(

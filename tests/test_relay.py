@@ -4,18 +4,17 @@ reader falls back to the log, and every stream shares one pub/sub connection."""
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
 
 import anyio
 import pytest
 from redis import Redis
 from redis.asyncio import Redis as AsyncRedis
 
-from devstack.processes import Proc, free_port, start_redis
 from gateway.services import relay as relay_module
 from gateway.services.relay import Relay
 from shared.keys import Keys
 from shared.protocol import Usage
+from tests.stack import lone_redis
 from worker.runtime.events import EventPublisher
 
 pytestmark = pytest.mark.integration
@@ -24,10 +23,8 @@ KEYS = Keys("t")
 
 @pytest.fixture(scope="module")
 def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    port = free_port()
-    proc: Proc = start_redis(port, Path(tmp_path_factory.mktemp("relay-redis")))
-    yield f"redis://127.0.0.1:{port}/0"
-    proc.stop()
+    with lone_redis(tmp_path_factory.mktemp("relay-redis")) as url:
+        yield url
 
 
 def publish(url: str, job_id: str, texts: list[str], *, done: bool = True) -> None:
