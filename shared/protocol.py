@@ -181,8 +181,8 @@ class Job(_Message):
     promoted: bool = Field(
         default=False,
         description="Background work sent again once past its yields_until, on its model's "
-        "promoted line: workers take it first, into a background slot, and it no longer "
-        "gives way.",
+        "promoted line: workers take it first, into a background slot, even beside "
+        "interactive work (for which it still pauses, up to share_s in all).",
     )
 
     @property

@@ -255,12 +255,14 @@ def main() -> int:
     signals.worker_ready.connect(on_ready, weak=False)
     signals.worker_shutdown.connect(on_shutdown, weak=False)
 
-    background, promoted = (celery_queue(entry.queue, line) for line in ("background", "promoted"))
     app = create_celery(
         settings.redis_url,
         runner,
         shutdown_grace_s=settings.worker_shutdown_grace_s,
-        intakes={background: runner.accepts_background, promoted: runner.accepts_promoted},
+        intakes={
+            celery_queue(entry.queue, "background"): runner.accepts_background,
+            celery_queue(entry.queue, "promoted"): runner.accepts_promoted,
+        },
     )
     try:
         app.worker_main(
