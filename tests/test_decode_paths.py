@@ -17,6 +17,7 @@ from PIL import Image
 from shared.protocol import ChatMessage, ImagePart, SamplingParams, TextPart
 from tests.engines import load_tiny, make_engine, one_torch_thread, tiny_entry  # noqa: F401
 from worker.engines.base import GenerationResult
+from worker.engines.batching import BatchUnavailable
 from worker.engines.model import ModelEngine
 from worker.weights.loader import LoadedModel
 
@@ -225,27 +226,47 @@ def test_a_job_whose_batch_step_is_interrupted_goes_on_unchanged(
     assert engine.healthy()
 
 
-def test_a_model_on_eager_attention_gets_it_back_when_the_batch_stops(
-    tiny_gemma_dir: Path, solo: list[GenerationResult]
+def test_the_model_keeps_one_attention_while_both_paths_decode(
+    tiny_gemma_dir: Path, solo: list[GenerationResult], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The batch switches an eager model to paged attention while it runs; once its thread
-    stops (interrupted, or idle), the job alone decodes on the model's own attention again,
-    with the same answers."""
+    """Both paths share the model, and its attention is one setting: it is never switched
+    while the engine serves, since a forward on one path across a switch made on the other
+    (the batch starting, stopping or interrupted) garbles the answer. An eager model, whose
+    batch form builds no causal mask for the single path, runs SDPA on both from the start."""
     loaded = load_tiny(tiny_entry(tiny_gemma_dir, serving={"dtype": "float32"}), tiny_gemma_dir)
     loaded.model.set_attn_implementation("eager")
     engine = make_engine(loaded, 512, concurrency=4)
     try:
+        assert loaded.model.config._attn_implementation == "sdpa"
+        switches: list[object] = []
+        monkeypatch.setattr(loaded.model, "set_attn_implementation", switches.append)
         engine.warmup()
         assert engine.batch is not None
-        got = _first_then_others(engine, _ask(QUESTIONS[0]), [_ask(QUESTIONS[1])])
-        assert [r.text for r in got] == [solo[0].text, solo[1].text]
-        assert got[1].path == "batch"
-        engine.batch.interrupt()  # (a no-op if its idle stop came first)
-        assert loaded.model.config._attn_implementation == "eager"
-        again = engine.generate(_ask(QUESTIONS[2]), LONG, on_text=lambda _t: None)
-        assert again.path == "single" and again.text == solo[2].text
+        for _ in range(2):  # the batch starts, is interrupted or stops when idle, and restarts
+            got = _first_then_others(engine, _ask(QUESTIONS[0]), [_ask(QUESTIONS[1])])
+            assert [r.text for r in got] == [solo[0].text, solo[1].text]
+            assert got[1].path == "batch"
+            engine.batch.interrupt()  # (a no-op if its idle stop came first)
+            alone = engine.generate(_ask(QUESTIONS[2]), LONG, on_text=lambda _t: None)
+            assert alone.path == "single" and alone.text == solo[2].text
+        assert switches == []
+        assert loaded.model.config._attn_implementation == "sdpa"
     finally:
         engine.close()
+
+
+def test_a_model_that_runs_only_eager_attention_is_told_to_turn_batching_off(
+    tiny_gemma_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    loaded = load_tiny(tiny_entry(tiny_gemma_dir, serving={"dtype": "float32"}), tiny_gemma_dir)
+    loaded.model.set_attn_implementation("eager")
+
+    def no_sdpa(implementation: object) -> None:
+        raise ValueError(f"{implementation} is not supported by this model")
+
+    monkeypatch.setattr(loaded.model, "set_attn_implementation", no_sdpa)
+    with pytest.raises(BatchUnavailable, match="WORKER_BATCHING=off"):
+        make_engine(loaded, 512, concurrency=4)
 
 
 def test_images_and_seeds_decode_alone_beside_the_batch(

@@ -138,6 +138,28 @@ class BatchStream:
             self._decoder._forget(self.rid)
 
 
+def _one_attention_for_both_paths(model: Any) -> None:
+    """Give the model an attention that both decoding paths can run, before the manager is
+    made: the batch's thread and the single-stream path share the model, and its attention is
+    one setting that must not change while either is in a forward.
+
+    SDPA and the flash kernels serve both. Eager does not: the manager would run it as
+    ``paged|eager``, for which transformers builds no causal mask outside the paged cache, so
+    the single-stream path's prompt would see its own future. Such a model moves to SDPA, the
+    same scores (measured: 3e-7 apart in float32 on the tiny Gemma 3), for good.
+    """
+    if model.config._attn_implementation not in ("eager", "paged|eager"):
+        return
+    try:
+        model.set_attn_implementation("sdpa")
+    except (ValueError, ImportError) as exc:
+        raise BatchUnavailable(
+            f"{type(model).__name__} runs only eager attention, which the single-stream path "
+            "cannot share with the continuous batch: set WORKER_BATCHING=off"
+        ) from exc
+    logger.info("continuous batching: the model's eager attention becomes SDPA for both paths")
+
+
 class BatchDecoder:
     """Owns the continuous-batching manager and its dispatcher thread."""
 
@@ -154,7 +176,6 @@ class BatchDecoder:
     ) -> None:
         self._prompter = prompter
         model: Any = loaded.model
-        self._model = model
         self.restartable = (
             not loaded.device.startswith("cuda") if restartable is None else restartable
         )
@@ -175,9 +196,7 @@ class BatchDecoder:
             per_request_processors=True,
             use_cuda_graph=True if self.cuda_graphs else None,
         )
-        # The manager switches the model to paged attention; the single-stream path needs its
-        # own back whenever the batch's thread stops (:meth:`_stop_now`).
-        self._own_attention: str = model.config._attn_implementation
+        _one_attention_for_both_paths(model)
         with torch.inference_mode():
             self._manager = model.init_continuous_batching(
                 generation_config=config, continuous_batching_config=cb_config
@@ -188,7 +207,6 @@ class BatchDecoder:
         self._routes: dict[str, queue.Queue[Any]] = {}
         self._lock = threading.Lock()
         self._life = threading.Lock()  # starting/stopping the manager vs adding requests
-        self._started_once = False
         self._closed = False
         self._dead = False
         self._restarted = threading.Event()
@@ -258,12 +276,8 @@ class BatchDecoder:
         """Start the manager's thread if it is not running (holding ``_life``)."""
         if self._manager.is_running():
             return
-        if self._started_once:  # stopping gave the model back its own attention
-            config = self._manager.continuous_batching_config
-            self._manager.switch_to_cb_friendly_attn(self._model, config.auto_switch_to_flash)
         with torch.inference_mode():  # the thread keeps its caller's inference mode
             self._manager.start()
-        self._started_once = True
         self._restarted.set()
 
     def stop_when_idle(self, delay_s: float = IDLE_STOP_S) -> None:
@@ -281,9 +295,9 @@ class BatchDecoder:
                 self._stop_now()
 
     def _stop_now(self) -> None:
-        """Stop the manager's thread (holding ``_life``) and give the model back its own
-        attention: what the manager's ``stop`` does for a kept manager, without two costs that
-        fell on a clinician's first token after an interrupt (docs/BENCHMARKS.md §11):
+        """Stop the manager's thread (holding ``_life``): what the manager's ``stop`` does for
+        a kept manager, without three things. Two were costs that fell on a clinician's first
+        token after an interrupt (docs/BENCHMARKS.md §11):
 
         * an idle loop sleeps up to 0.1 s between looks for work, and a stop request alone
           does not wake it (transformers 5.25), so the loop is woken after the request;
@@ -291,6 +305,12 @@ class BatchDecoder:
           objects made since its heap was frozen) with the GIL held, while the clinician's
           prefill waited. The manager and its cache are kept, so it has nothing large to free;
           Python's own collector still runs as usual.
+
+        The third is its switch of the model back to the attention it had before the manager:
+        the single-stream path may be in a forward on another thread right then, and one
+        forward across the switch builds its masks for one attention and runs another (a
+        clinician's answer came out garbled). The model keeps one attention that suits both
+        paths (:func:`_one_attention_for_both_paths`) for as long as the batch lives.
         """
         status = self._manager.background_thread_status
         status.request_stop(status.FLUSH_AND_STOP, 0)
@@ -298,8 +318,6 @@ class BatchDecoder:
         thread = self._manager_thread()
         if thread is not None:
             thread.join()
-        if self._model.config._attn_implementation != self._own_attention:
-            self._model.set_attn_implementation(self._own_attention)
 
     def _dispatch(self) -> None:
         try:
