@@ -115,3 +115,9 @@ def test_a_malformed_end_user_is_a_clear_400(webui: Stack) -> None:
     assert r.status_code == 400
     error = r.json()["error"]
     assert error["code"] == "invalid_request" and error["param"] == HEADER
+    # The body field is held to the same id: a trailing newline or 129 characters are refused.
+    for user in ("ann\n", "a" * 129):
+        with webui.client(SERVICE_KEY) as c:
+            r = _chat(c, "hi", {}, user=user)
+        assert r.status_code == 400, user
+        assert r.json()["error"]["param"] == "user"

@@ -60,7 +60,7 @@ async def get_principal(
 
 def name_end_user(principal: Principal, end_user: str, *, param: str) -> Principal:
     """The end user a service key's request names; 400 if the name is not an id."""
-    if not END_USER_PATTERN.match(end_user):
+    if not END_USER_PATTERN.fullmatch(end_user):
         raise APIError(
             400,
             ErrorCode.INVALID_REQUEST,

@@ -35,7 +35,8 @@ DEMO_USER = "demo"
 Role = Literal["user", "admin", "service"]
 ROLES: tuple[Role, ...] = ("user", "admin", "service")
 #: An end user's id as a service names it: Open WebUI's ids are UUIDs; emails fit too.
-END_USER_PATTERN = re.compile(r"^[A-Za-z0-9_.@+-]{1,128}$")
+#: Matched whole (``fullmatch``: ``$`` would let a trailing newline through into keys and logs).
+END_USER_PATTERN = re.compile(r"[A-Za-z0-9_.@+-]{1,128}")
 
 
 class KeyConfigError(ValueError):
