@@ -236,6 +236,8 @@ def test_how_a_request_names_background_work(worker: Stack) -> None:
         assert _is_background(worker, chat(f"{MODEL}@background"))
         assert _is_background(worker, chat(service_tier="flex"))
         assert _is_background(worker, chat(priority="background"))
+        assert _is_background(worker, chat(priority=1))  # vLLM's form: above 0 goes later
+        assert not _is_background(worker, chat(priority=0))
         assert not _is_background(worker, chat(service_tier="default"))
         seed = c.post("/medgemma", json=_ask(0, priority="background", stream=False))
         assert _is_background(worker, seed)

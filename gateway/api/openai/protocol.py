@@ -9,10 +9,21 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from gateway.core.types import CONVERSATION_ID
 from shared.protocol import Priority
+
+
+def _from_vllm_priority(value: object) -> object:
+    """vLLM's ``priority`` is an integer, lower first, 0 by default: a client that marks its
+    side work with a higher number gets background work here."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return "background" if value > 0 else "interactive"
+    return value
+
+
+VllmPriority = Annotated[Priority, BeforeValidator(_from_vllm_priority)]
 
 
 class TextContent(BaseModel):
@@ -72,10 +83,11 @@ class ChatCompletionRequest(BaseModel):
         pattern=CONVERSATION_ID,
         description="Extension: keep history on the server (also as X-Conversation-Id).",
     )
-    priority: Priority | None = Field(
+    priority: VllmPriority | None = Field(
         default=None,
         description="Extension: background gives way to interactive work; default: the API "
-        "key's default (interactive unless configured).",
+        "key's default (interactive unless configured). vLLM's integer form is taken too: "
+        "above 0 is background, 0 or below interactive.",
     )
     service_tier: Literal["auto", "default", "flex", "priority", "scale"] | None = Field(
         default=None, description='OpenAI\'s tier: "flex" is background work, the rest interactive.'
