@@ -76,6 +76,19 @@ def test_a_stream_is_timed_from_arrival_submission_and_tokens() -> None:
     assert total(s, "medgemma_tokens_generated_total", model="m") == 2
 
 
+def test_background_work_is_timed_apart_from_the_clinicians() -> None:
+    """A title that waited behind clinicians by design does not show in their latency."""
+    m = Metrics()
+    for priority, ttft in (("interactive", 0.2), ("background", 9.0)):
+        timer = m.stream("m", started=0.0, priority=priority)
+        timer.submitted(0.0)
+        timer.event(TokenEvent(job_id="j", seq=1, text="a"), ttft)
+    s = parse(m.render().decode())
+    assert total(s, "medgemma_time_to_first_token_seconds_sum", priority="interactive") == 0.2
+    assert total(s, "medgemma_time_to_first_token_seconds_sum", priority="background") == 9.0
+    assert total(s, "medgemma_queue_wait_seconds_count", model="m", priority="interactive") == 1
+
+
 def test_gateway_made_errors_are_not_queue_waits_and_resumes_only_count_as_open() -> None:
     m = Metrics()
     timer = m.stream("m", started=0.0)

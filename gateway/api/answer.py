@@ -121,7 +121,7 @@ async def open_turn(
     state: AppState, turn: TurnRequest, *, slot: Slot, audit: AuditInfo
 ) -> JobStream:
     """Submit a new turn and follow it, timed for the metrics."""
-    observer = state.metrics.stream(turn.entry.model_name, audit.started)
+    observer = state.metrics.stream(turn.entry.model_name, audit.started, priority=turn.priority)
     return await JobStream.start_turn(state.turns, turn, slot=slot, audit=audit, observer=observer)
 
 

@@ -17,11 +17,13 @@ several apps in one process). Three sources feed it:
 * the :class:`StreamTimer` of each new turn, which
   :class:`~gateway.services.following.JobStream` calls on every event with a monotonic timestamp:
 
-  - ``medgemma_time_to_first_token_seconds{model}``: request arrival (the audit middleware) →
-    the first token event handed to the client (to the SSE response; for a non-stream answer,
-    when the gateway receives it);
+  - ``medgemma_time_to_first_token_seconds{model,priority}``: request arrival (the audit
+    middleware) → the first token event handed to the client (to the SSE response; for a
+    non-stream answer, when the gateway receives it). ``priority`` is the request's class,
+    ``interactive`` or ``background``, so a clinicians' latency objective is not blurred by
+    front ends' titles and summaries, which wait behind them by design;
   - ``medgemma_inter_token_latency_seconds{model}``: between consecutive token events;
-  - ``medgemma_queue_wait_seconds{model}``: the job's submission → the first event from the
+  - ``medgemma_queue_wait_seconds{model,priority}``: the job's submission → the first event from the
     worker of any kind. That is queue time **plus prefill** (the worker's first event is
     usually the first token); errors the gateway itself makes (worker lost or silent) are not
     observed;
@@ -52,7 +54,7 @@ from gateway.services.audit import AuditRecord
 from gateway.services.fleet import ModelFleet
 from gateway.services.supervision import Interrupted, StreamEvent
 from shared.errors import ErrorCode
-from shared.protocol import DoneEvent, ErrorEvent, QueuedEvent, TokenEvent
+from shared.protocol import DoneEvent, ErrorEvent, Priority, QueuedEvent, TokenEvent
 
 ERROR_WINDOW_S = 300.0
 # Errors the gateway makes itself: they say nothing about how long the queue took.
@@ -86,8 +88,9 @@ class Metrics:
         )
         self.ttft = Histogram(
             "medgemma_time_to_first_token_seconds",
-            "Request arrival to the first token event handed to the client.",
-            ["model"],
+            "Request arrival to the first token event handed to the client, by the request's "
+            "class (interactive, background).",
+            ["model", "priority"],
             buckets=_TTFT_BUCKETS,
             registry=r,
         )
@@ -100,8 +103,9 @@ class Metrics:
         )
         self.queue_wait = Histogram(
             "medgemma_queue_wait_seconds",
-            "Job submission to the worker's first event: queue time plus prefill.",
-            ["model"],
+            "Job submission to the worker's first event: queue time plus prefill, by the "
+            "request's class (interactive, background).",
+            ["model", "priority"],
             buckets=_QUEUE_BUCKETS,
             registry=r,
         )
@@ -158,10 +162,17 @@ class Metrics:
         self.requests.labels(model=model, api=api, outcome=record.outcome).inc()
         self._recent.append((time.monotonic(), model, is_failure(record)))
 
-    def stream(self, model: str, started: float, *, new_turn: bool = True) -> StreamTimer:
+    def stream(
+        self,
+        model: str,
+        started: float,
+        *,
+        priority: Priority = "interactive",
+        new_turn: bool = True,
+    ) -> StreamTimer:
         """A timer for one stream. ``started``: the request's arrival (monotonic). A resumed
         stream (``new_turn=False``) only counts as an open stream."""
-        return StreamTimer(self, model, started, new_turn=new_turn)
+        return StreamTimer(self, model, started, priority=priority, new_turn=new_turn)
 
     def recent_errors(self, window_s: float = ERROR_WINDOW_S) -> dict[str, dict[str, Any]]:
         """Per model: chat requests and failures (see :func:`is_failure`) that ended in the
@@ -212,9 +223,13 @@ class StreamTimer:
     """Times one stream; :class:`~gateway.services.following.JobStream` calls it (its
     ``observer``)."""
 
-    def __init__(self, metrics: Metrics, model: str, started: float, *, new_turn: bool) -> None:
+    def __init__(
+        self, metrics: Metrics, model: str, started: float, *, priority: Priority, new_turn: bool
+    ) -> None:
         self._m = metrics
         self._model = model
+        self._ttft = metrics.ttft.labels(model=model, priority=priority)
+        self._queue_wait = metrics.queue_wait.labels(model=model, priority=priority)
         self._started = started
         self._new_turn = new_turn
         self._submitted: float | None = None
@@ -232,11 +247,11 @@ class StreamTimer:
         if self._submitted is not None and not (
             isinstance(event, ErrorEvent | Interrupted) and event.error.code in _GATEWAY_ERRORS
         ):
-            self._m.queue_wait.labels(model=self._model).observe(max(0.0, at - self._submitted))
+            self._queue_wait.observe(max(0.0, at - self._submitted))
             self._submitted = None  # observed once: the first event from the worker
         if isinstance(event, TokenEvent):
             if self._last_token is None:
-                self._m.ttft.labels(model=self._model).observe(max(0.0, at - self._started))
+                self._ttft.observe(max(0.0, at - self._started))
             else:
                 self._itl.observe(max(0.0, at - self._last_token))
             self._last_token = at
