@@ -192,6 +192,7 @@ class DelayProxy:
         self._server.settimeout(0.2)
         self._closed = threading.Event()
         self._sockets: list[socket.socket] = []
+        self._lock = threading.Lock()
         threading.Thread(target=self._accept, name="delay-proxy", daemon=True).start()
 
     @property
@@ -213,7 +214,8 @@ class DelayProxy:
                 client.close()
                 continue
             upstream.settimeout(None)
-            self._sockets += [client, upstream]
+            with self._lock:
+                self._sockets += [client, upstream]
             for src, dst in ((client, upstream), (upstream, client)):
                 line: queue.Queue[tuple[float, bytes]] = queue.Queue()
                 threading.Thread(target=self._read, args=(src, line), daemon=True).start()
@@ -244,9 +246,22 @@ class DelayProxy:
             except OSError:
                 return
 
+    def redirect(self, target: tuple[str, int]) -> None:
+        """Cut every open connection and send new ones to ``target``: what a client sees when
+        Redis fails over to another server (Sentinel names the new master on reconnect)."""
+        self._target = target
+        self._cut()
+
+    def _cut(self) -> None:
+        with self._lock:
+            sockets, self._sockets = self._sockets, []
+        for s in sockets:
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)  # (wakes the threads reading it)
+            with contextlib.suppress(OSError):
+                s.close()
+
     def close(self) -> None:
         self._closed.set()
         self._server.close()
-        for s in self._sockets:
-            with contextlib.suppress(OSError):
-                s.close()
+        self._cut()

@@ -1,6 +1,7 @@
 """worker.runtime.events: every write of a job's events is fenced by its claim. A worker whose claim
 another worker holds now writes nothing — no token, no terminal event, nothing that the
-terminal transaction would store — to the log or the live channel."""
+terminal transaction would store — to the log or the live channel. Nor does a worker whose log
+lost its last events in a Redis failover: nothing is written after a hole."""
 
 from __future__ import annotations
 
@@ -9,10 +10,11 @@ import pytest
 
 from shared.keys import Keys
 from shared.protocol import Usage
-from worker.runtime.events import EventPublisher, Fenced
+from worker.runtime.events import EventPublisher, Fenced, LogGap
 
 KEYS = Keys()
 JOB = "job-fenced-0001"
+USAGE = Usage(prompt_tokens=1, completion_tokens=3, total_tokens=4)
 
 
 SERVER = fakeredis.FakeServer()
@@ -90,3 +92,39 @@ def test_a_lease_renewal_during_the_terminal_transaction_is_not_a_fence() -> Non
     ) == 1
     assert len(_published(pubsub)) == 1
     assert pub.terminal_sent
+
+
+def test_nothing_is_written_after_a_hole_in_the_log() -> None:
+    """A master acknowledged the worker's last token and died before its replica had it: the
+    promoted replica's log ends one event short. A token or a terminal event written there
+    would leave a hole that a resume, or the worker continuing the job, reads as a whole
+    answer; the worker is told instead, and writes nothing."""
+    redis, pub, pubsub = _setup()
+    pub.token("one ")
+    pub.token("two ")
+    redis.xdel(KEYS.job_log(JOB), "2-0")  # acknowledged, then lost with the old master
+    _published(pubsub)
+    with pytest.raises(LogGap):
+        pub.token("three ")
+    with pytest.raises(LogGap):
+        pub.done("stop", USAGE, disclaimer=None)
+    assert [i for i, _ in redis.xrange(KEYS.job_log(JOB))] == ["1-0"]
+    assert _published(pubsub) == []
+    assert not pub.terminal_sent
+
+
+def test_a_handed_over_job_writes_on_from_the_end_of_its_log() -> None:
+    """The worker that continues a job numbers on from the log's last event; a write that
+    ran but whose reply was lost, sent again, is in the log once."""
+    redis, first, _ = _setup()
+    first.token("one ")
+    first.token("two ")
+    redis.set(KEYS.job_claim(JOB), "w2", px=3000)
+    second = EventPublisher(redis, KEYS, JOB, ttl_s=60, start_seq=2, owner="w2")
+    second.token("three ")
+    second.seq -= 1  # the same event again, as a retry of a lost reply sends it
+    second.token("three ")
+    second.done("stop", USAGE, disclaimer=None)
+    rows = redis.xrange(KEYS.job_log(JOB))
+    assert [i for i, _ in rows] == ["1-0", "2-0", "3-0", "4-0"]
+    assert second.terminal_sent

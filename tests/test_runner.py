@@ -12,6 +12,7 @@ import hashlib
 import io
 import logging
 import re
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -22,6 +23,7 @@ import pytest
 from PIL import Image
 from redis.exceptions import ConnectionError as RedisConnectionError
 
+from devstack.processes import wait_for
 from shared.keys import Keys
 from shared.protocol import (
     ChatMessage,
@@ -37,6 +39,7 @@ from shared.protocol import (
 )
 from shared.registry import ModelEntry
 from tests.engines import load_tiny, make_engine, one_torch_thread, tiny_entry  # noqa: F401
+from worker.engines.loadtest import LoadTestEngine
 from worker.engines.model import ModelEngine
 from worker.runtime.runner import JobRunner, RunnerConfig
 from worker.weights.loader import LoadedModel
@@ -421,3 +424,38 @@ def test_a_redis_error_before_the_start_gives_the_claim_back(
     # The claim is not renewed: it lapses with its lease, then the gateway hands the job over.
     assert 0 < redis.pttl(KEYS.job_claim(job.job_id)) <= CONFIG.claim_ttl_s * 1000
     assert runner.jobs_running == 0
+
+
+def test_a_log_that_lost_events_in_a_failover_stops_the_job_for_a_handover(
+    redis: fakeredis.FakeRedis,
+    make_runner: Callable[..., JobRunner],
+    entry: ModelEntry,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Mid-answer, the log loses its last event (a Redis master acknowledged it and died before
+    its replica had it). The worker writes nothing after the hole — no token, no terminal
+    event — and leaves the job to a handover: its claim is not marked done and lapses with
+    its lease, so the gateway hands the job over and it continues from what the log holds."""
+    runner = make_runner(LoadTestEngine(tokens_per_s=20), entry)
+    job = _job(max_new_tokens=40)  # 2 s of answer
+    log = KEYS.job_log(job.job_id)
+
+    def lose_the_last_event() -> None:
+        wait_for(lambda: redis.xlen(log) >= 2, 10, "two tokens")
+        last_id = redis.xrevrange(log, count=1)[0][0]
+        redis.xdel(log, last_id)
+        lost.append(int(last_id.split("-")[0]))
+
+    lost: list[int] = []
+    failover = threading.Thread(target=lose_the_last_event)
+    failover.start()
+    with caplog.at_level(logging.INFO):
+        runner.run(job)
+    failover.join()
+    seqs = [e.seq for _id, e in _log(redis, job.job_id)]
+    assert seqs == list(range(1, lost[0]))  # nothing after the hole
+    assert all(e.type == "token" for _id, e in _log(redis, job.job_id))
+    assert redis.get(KEYS.job_claim(job.job_id)) == CONFIG.worker_id  # not done: it lapses
+    assert runner._leases._held == set()  # and is no longer renewed
+    assert "log lost events" in caplog.text
+    assert PROMPT not in caplog.text

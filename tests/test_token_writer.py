@@ -1,7 +1,8 @@
 """worker.runtime.token_writer: one thread writes every job's tokens, joining a job's deltas into
 one event when Redis falls behind, never losing, repeating or reordering text, and still fenced
-by the claim. Against a real redis-server; "behind" is a link with 50 ms each way
-(``devstack.netbed.DelayProxy`` on loopback)."""
+by the claim, and never leaving a hole in the log when Redis fails over under it. Against a real
+redis-server; "behind" is a link with 50 ms each way (``devstack.netbed.DelayProxy`` on
+loopback)."""
 
 from __future__ import annotations
 
@@ -11,10 +12,12 @@ from pathlib import Path
 
 import pytest
 from redis import Redis
+from redis.backoff import ConstantBackoff
 from redis.exceptions import RedisError
+from redis.retry import Retry
 
 from devstack.netbed import DelayProxy
-from devstack.processes import free_port, start_redis
+from devstack.processes import free_port, start_redis, wait_for
 from shared.keys import Keys
 from shared.protocol import Usage
 from worker.runtime.events import EventPublisher, Fenced
@@ -171,3 +174,48 @@ def test_a_redis_error_reaches_the_jobs_thread(tmp_path: Path) -> None:
         writer.stop()
         client.close()
         proc.stop()
+
+
+def test_a_failover_mid_write_leaves_no_hole_in_the_log(tmp_path: Path) -> None:
+    """Redis fails over while a token is on its way. The master dies with it; the writer's
+    client retries, but until Sentinel names the promoted replica there is no master, and the
+    token's write fails. The job produced more tokens meanwhile, and by their round trip the
+    new master is there. They must not land after the hole: whatever the new master's log
+    holds is the job's text from the start, one event after another, and the job's thread is
+    told that its tokens did not all go out (its job is handed over, continued from the log)."""
+    old_port, new_port = free_port(), free_port()
+    old = start_redis(old_port, tmp_path / "old")
+    new = start_redis(new_port, tmp_path / "new", extra=["--replicaof", "127.0.0.1", str(old_port)])
+    proxy = DelayProxy(("127.0.0.1", 0), ("127.0.0.1", old_port), delay_s=0.2)
+    retries = Retry(ConstantBackoff(0.3), 3)  # ~1 s, shorter than a failover (as in CI)
+    client = Redis(*proxy.address, decode_responses=True, retry=retries)
+    replica = Redis(port=new_port, decode_responses=True)
+    writer = _started(client, max_deltas=16)
+    try:
+        pub = _publisher(client, writer, "job-failover")
+        pub.token("t0 ")
+        writer.flush(pub._outbox)
+        assert Redis(port=old_port).wait(1, 10_000) == 1  # the replica has the claim and t0
+        pub.token("t1 ")
+        wait_for(lambda: pub._outbox.in_flight == 1, 5, "t1 to be on its way")
+        for text in ("t2 ", "t3 ", "t4 "):
+            pub.token(text)  # queued behind t1
+        old.stop()
+        proxy.redirect(("127.0.0.1", old_port))  # t1 is cut off; no master answers
+        wait_for(lambda: pub._outbox.failure is not None, 10, "t1's write to fail")
+        replica.replicaof("NO", "ONE")
+        proxy.redirect(("127.0.0.1", new_port))  # the sentinels name the new master
+        with pytest.raises(RedisError):
+            writer.flush(pub._outbox)  # (returns once the writer holds none of the job's)
+        with pytest.raises(RedisError):
+            pub.token("t5 ")
+        events = _log(replica, "job-failover")
+        assert [e["seq"] for e in events] == list(range(1, len(events) + 1))  # no hole
+        assert "".join(str(e["text"]) for e in events) == "t0 "
+    finally:
+        writer.stop()
+        client.close()
+        replica.close()
+        proxy.close()
+        old.stop()
+        new.stop()

@@ -16,6 +16,13 @@ the job's claim still names this worker, and the terminal event's transaction ru
 ``WATCH`` of the claim. A worker that lost its lease (paused past it, say, while another worker
 took the job over) therefore cannot put a single token into the log or the channel: the write
 raises :class:`Fenced` and the worker stops.
+
+**Never a gap in the log.** A write also checks that the log ends with this worker's previous
+event. After a Redis failover it may not: the old master acknowledged an event and died before
+its replica had it. Writing on would leave a hole that a resuming client, or the worker that
+continues the job, reads as if nothing were missing (the continuation would repeat a token).
+The write raises :class:`LogGap` instead; the worker stops and the job is handed over,
+continuing from what the log holds.
 """
 
 from __future__ import annotations
@@ -38,18 +45,26 @@ Event = TokenEvent | DoneEvent | ErrorEvent
 PipelineHook = Callable[["Pipeline"], None]
 
 
-# KEYS: claim, log, channel. ARGV: owner, stream id, payload, TTL (0: leave it). A retry of a
-# call that ran but whose reply was lost (the connection dropped) finds its id taken and
-# writes nothing: the token is in the log once, and a reader that missed the PUBLISH reads it
-# from the log.
+# KEYS: claim, log, channel. ARGV: owner, seq, payload, TTL (0: leave it). Returns 1 when
+# the event is in the log, 0 when the claim names another worker (nothing written), 2 when
+# the log does not end with event seq - 1 (nothing written: see LogGap). A retry of a call
+# that ran but whose reply was lost (the connection dropped) finds its event there and writes
+# nothing: the token is in the log once, and a reader that missed the PUBLISH reads it from
+# the log.
 _EMIT = """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
-local added = redis.pcall('XADD', KEYS[2], ARGV[2], 'e', ARGV[3])
-if type(added) == 'table' and added.err then return 1 end
+local seq = tonumber(ARGV[2])
+local last = redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', 1)
+local at = 0
+if #last > 0 then at = tonumber(string.match(last[1][1], '^(%d+)')) end
+if at >= seq then return 1 end
+if at < seq - 1 then return 2 end
+redis.call('XADD', KEYS[2], ARGV[2] .. '-0', 'e', ARGV[3])
 if tonumber(ARGV[4]) > 0 then redis.call('EXPIRE', KEYS[2], ARGV[4]) end
 redis.call('PUBLISH', KEYS[3], ARGV[3])
 return 1
 """
+_WRITTEN, _GAP = 1, 2
 
 
 #: Tries of a terminal transaction whose WATCHed claim was touched meanwhile.
@@ -58,6 +73,19 @@ WATCH_ATTEMPTS = 5
 
 class Fenced(Exception):
     """This worker no longer holds the job's claim: it must publish nothing more."""
+
+
+class LogGap(Exception):
+    """The job's log lacks events this worker wrote (lost in a Redis failover): it must
+    publish nothing more, and the job continues from the log on a handover."""
+
+
+def _check_emitted(result: object, job_id: str) -> None:
+    """Raise what a fenced token write's result says went wrong."""
+    if result == _GAP:
+        raise LogGap(job_id)
+    if result != _WRITTEN:
+        raise Fenced(job_id)
 
 
 class EventPublisher:
@@ -101,11 +129,10 @@ class EventPublisher:
         ttl = self._ttl_s if (not self._ttl_set or event.type != "token") else 0
         if event.type == "token" and self._owner is not None:
             claim = self._keys.job_claim(self.job_id)
-            ok = self._emit_fenced(
-                keys=[claim, log, channel], args=[self._owner, f"{event.seq}-0", payload, ttl]
+            result = self._emit_fenced(
+                keys=[claim, log, channel], args=[self._owner, event.seq, payload, ttl]
             )
-            if not ok:
-                raise Fenced(self.job_id)
+            _check_emitted(result, self.job_id)
             self._ttl_set = True
             return
         for _attempt in range(WATCH_ATTEMPTS):
@@ -132,11 +159,15 @@ class EventPublisher:
         also: PipelineHook | None,
     ) -> None:
         with self._redis.pipeline(transaction=True) as pipe:
-            if self._owner is not None:  # the transaction runs only if the claim still holds
+            if self._owner is not None:
+                # The transaction runs only if the claim still holds and the log still ends
+                # where this worker's last event went.
                 claim = self._keys.job_claim(self.job_id)
-                pipe.watch(claim)  # type: ignore[no-untyped-call]
+                pipe.watch(claim, log)  # type: ignore[no-untyped-call]
                 if pipe.get(claim) != self._owner:
                     raise Fenced(self.job_id)
+                if _last_seq(pipe.xrevrange(log, count=1)) < event.seq - 1:
+                    raise LogGap(self.job_id)
                 pipe.multi()
             pipe.xadd(log, {"e": payload}, id=f"{event.seq}-0")
             if ttl:
@@ -169,7 +200,7 @@ class EventPublisher:
             self._ttl_set = True
             self._emit_fenced(
                 keys=[claim, log, channel],
-                args=[self._owner, f"{event.seq}-0", encode_event(event), ttl],
+                args=[self._owner, event.seq, encode_event(event), ttl],
                 client=pipe,
             )
         return len(groups)
@@ -177,8 +208,7 @@ class EventPublisher:
     def _check_written(self, result: object) -> None:
         if isinstance(result, BaseException):
             raise result
-        if not result:
-            raise Fenced(self.job_id)
+        _check_emitted(result, self.job_id)
 
     def _tokens_written(self) -> None:
         """Before a terminal event: every token of the job is out (so it comes last)."""
@@ -209,3 +239,11 @@ class EventPublisher:
         self._tokens_written()
         info = ErrorInfo(message=message, type=type_, code=code.value)
         self.emit(ErrorEvent(job_id=self.job_id, seq=self._next(), error=info))
+
+
+def _last_seq(rows: object) -> int:
+    """The seq of the last event in an ``XREVRANGE log + - COUNT 1`` reply (0: none)."""
+    if not rows:
+        return 0
+    entry_id = rows[0][0]  # type: ignore[index]
+    return int(str(entry_id).split("-", 1)[0])

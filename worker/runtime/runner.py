@@ -51,7 +51,7 @@ from worker.engines.base import (
 )
 from worker.runtime.cancel import CancelWatcher
 from worker.runtime.conversation import ConversationWriter
-from worker.runtime.events import EventPublisher, Fenced
+from worker.runtime.events import EventPublisher, Fenced, LogGap
 from worker.runtime.lease import LeaseKeeper
 from worker.runtime.token_writer import TokenWriter
 from worker.runtime.yielding import WorkClasses
@@ -175,6 +175,10 @@ class JobRunner:
         except Fenced:
             self._leases.forfeit(job.job_id)
             logger.info("job %s: its claim is another worker's now; stopped", job.job_id)
+        except LogGap:
+            # A failover lost events this worker wrote: the job continues from the log.
+            unreachable = True  # (handed over, as if Redis had stayed away)
+            logger.warning("job %s: stopped, its log lost events (a Redis failover)", job.job_id)
         except (RedisError, OSError) as exc:
             unreachable = not self._leases.lost(job.job_id)
             # Either way the job is left to the gateway: its claim is no longer renewed, and
@@ -312,7 +316,7 @@ class JobRunner:
         except ImagesNotSupported as exc:
             pub.error(ErrorCode.UNSUPPORTED_CAPABILITY, str(exc), type_="invalid_request_error")
             return
-        except (RedisError, OSError):
+        except (RedisError, OSError, LogGap):
             raise  # publishing failed: handled by run()
         except Exception as exc:  # noqa: BLE001 - any engine failure must end the stream
             if self._leases.lost(job.job_id):

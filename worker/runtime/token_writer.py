@@ -11,8 +11,11 @@ its own event, still one round trip for all). The sequence number counts events,
 ``Last-Event-ID`` stays exact; usage (in the ``done`` event) counts tokens.
 
 A failed write is kept on the job's publisher and raised from its next call (``Fenced`` if the
-claim moved, or the Redis error), exactly where a synchronous write would have raised it;
-:meth:`flush` waits until a job's tokens are written, so its terminal event always comes last.
+claim moved, ``LogGap``, or the Redis error), exactly where a synchronous write would have
+raised it; :meth:`flush` waits until a job's tokens are written, so its terminal event always
+comes last. Nothing of that job is written after a failed write: the deltas it queued meanwhile
+are dropped, never sent after the hole (after a Redis failover they would land on the new
+master behind an event that is not there).
 """
 
 from __future__ import annotations
@@ -105,11 +108,15 @@ class TokenWriter:
                 self._cond.wait_for(lambda: bool(self._dirty) or self._stop)
                 if self._stop and not self._dirty:
                     return
-                taken = [(box, box.pending) for box in self._dirty]
+                taken = [(box, box.pending) for box in self._dirty if box.failure is None]
+                for box in self._dirty:
+                    box.pending = []  # (a failed job's are dropped: its thread raises)
                 self._dirty = []
                 for box, deltas in taken:
-                    box.pending = []
                     box.in_flight = len(deltas)
+                if not taken:
+                    self._cond.notify_all()  # flush() of a failed job sees nothing pending
+                    continue
             try:
                 self._write(taken)
             finally:
