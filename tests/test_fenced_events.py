@@ -128,3 +128,17 @@ def test_a_handed_over_job_writes_on_from_the_end_of_its_log() -> None:
     rows = redis.xrange(KEYS.job_log(JOB))
     assert [i for i, _ in rows] == ["1-0", "2-0", "3-0", "4-0"]
     assert second.terminal_sent
+
+
+def test_a_cancelled_jobs_erased_log_is_not_a_hole() -> None:
+    """Erasing a conversation deletes its running job's log and cancels the job: the worker
+    ends it with what it writes next and a cancelled event, as before the hole check."""
+    redis, pub, _ = _setup()
+    pub.token("one ")
+    pub.token("two ")
+    redis.delete(KEYS.job_log(JOB))
+    redis.set(KEYS.job_cancel(JOB), "1")
+    pub.token("three ")
+    pub.done("cancelled", USAGE, disclaimer=None)
+    assert [i for i, _ in redis.xrange(KEYS.job_log(JOB))] == ["3-0", "4-0"]
+    assert pub.terminal_sent

@@ -45,9 +45,11 @@ Event = TokenEvent | DoneEvent | ErrorEvent
 PipelineHook = Callable[["Pipeline"], None]
 
 
-# KEYS: claim, log, channel. ARGV: owner, seq, payload, TTL (0: leave it). Returns 1 when
-# the event is in the log, 0 when the claim names another worker (nothing written), 2 when
-# the log does not end with event seq - 1 (nothing written: see LogGap). A retry of a call
+# KEYS: claim, log, channel, cancel flag. ARGV: owner, seq, payload, TTL (0: leave it).
+# Returns 1 when the event is in the log, 0 when the claim names another worker (nothing
+# written), 2 when the log does not end with event seq - 1 (nothing written: see LogGap),
+# unless the job is cancelled (its conversation erased with its log: the worker ends it,
+# cancelled, without a hole to mind). A retry of a call
 # that ran but whose reply was lost (the connection dropped) finds its event there and writes
 # nothing: the token is in the log once, and a reader that missed the PUBLISH reads it from
 # the log.
@@ -58,7 +60,7 @@ local last = redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', 1)
 local at = 0
 if #last > 0 then at = tonumber(string.match(last[1][1], '^(%d+)')) end
 if at >= seq then return 1 end
-if at < seq - 1 then return 2 end
+if at < seq - 1 and redis.call('EXISTS', KEYS[4]) == 0 then return 2 end
 redis.call('XADD', KEYS[2], ARGV[2] .. '-0', 'e', ARGV[3])
 if tonumber(ARGV[4]) > 0 then redis.call('EXPIRE', KEYS[2], ARGV[4]) end
 redis.call('PUBLISH', KEYS[3], ARGV[3])
@@ -130,7 +132,8 @@ class EventPublisher:
         if event.type == "token" and self._owner is not None:
             claim = self._keys.job_claim(self.job_id)
             result = self._emit_fenced(
-                keys=[claim, log, channel], args=[self._owner, event.seq, payload, ttl]
+                keys=[claim, log, channel, self._keys.job_cancel(self.job_id)],
+                args=[self._owner, event.seq, payload, ttl],
             )
             _check_emitted(result, self.job_id)
             self._ttl_set = True
@@ -166,7 +169,7 @@ class EventPublisher:
                 pipe.watch(claim, log)  # type: ignore[no-untyped-call]
                 if pipe.get(claim) != self._owner:
                     raise Fenced(self.job_id)
-                if _last_seq(pipe.xrevrange(log, count=1)) < event.seq - 1:
+                if self._hole_before(pipe, log, event.seq):
                     raise LogGap(self.job_id)
                 pipe.multi()
             pipe.xadd(log, {"e": payload}, id=f"{event.seq}-0")
@@ -179,6 +182,12 @@ class EventPublisher:
                     hook(pipe)
             pipe.publish(channel, payload)
             pipe.execute()
+
+    def _hole_before(self, pipe: Pipeline, log: str, seq: int) -> bool:
+        """Whether ``log`` does not end with event ``seq - 1`` (as the script checks)."""
+        if _last_seq(pipe.xrevrange(log, count=1)) >= seq - 1:
+            return False
+        return not pipe.exists(self._keys.job_cancel(self.job_id))  # (erased: not a hole)
 
     def token(self, text: str) -> None:
         if self._writer is not None:
@@ -193,13 +202,14 @@ class EventPublisher:
         size = self._writer.max_deltas or 1
         claim = self._keys.job_claim(self.job_id)
         log, channel = self._keys.job_log(self.job_id), self._keys.job_channel(self.job_id)
+        cancel = self._keys.job_cancel(self.job_id)
         groups = [deltas[i : i + size] for i in range(0, len(deltas), size)]
         for group in groups:
             event = TokenEvent(job_id=self.job_id, seq=self._next(), text="".join(group))
             ttl = 0 if self._ttl_set else self._ttl_s
             self._ttl_set = True
             self._emit_fenced(
-                keys=[claim, log, channel],
+                keys=[claim, log, channel, cancel],
                 args=[self._owner, event.seq, encode_event(event), ttl],
                 client=pipe,
             )
