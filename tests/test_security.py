@@ -138,6 +138,21 @@ def test_audit_trail_has_one_line_per_request_and_no_text(stack: Stack) -> None:
     assert MARKER not in audit.read_text()
 
 
+def test_a_refused_chat_names_its_model_in_the_audit_trail(stack: Stack) -> None:
+    """No worker serves the model: the 503's audit line still says which model was asked
+    for, so an operator can count refusals per model."""
+    audit = stack.workdir / "audit.jsonl"
+    before = len(audit.read_text().splitlines()) if audit.exists() else 0
+    with stack.client() as c:
+        r = c.post("/medgemma", json=ask(f"Refused {MARKER}", model="ghost-model"))
+    assert r.status_code == 503
+    (line,) = _audit_lines(audit, before, 1)
+    refused = json.loads(line)
+    assert refused["action"] == "chat.medgemma" and refused["status"] == 503
+    assert refused["model"] == "ghost-model" and refused["job_id"] is None
+    assert MARKER not in audit.read_text()
+
+
 def test_rate_limit_holds_across_two_gateway_processes(stack: Stack) -> None:
     env = {
         **stack.env,

@@ -68,8 +68,8 @@ class AuditRecord:
 @dataclass
 class AuditInfo:
     """One request's audit record while it is served, written once by the audit middleware
-    (:mod:`gateway.api.auditing`) after the response. Set through its three methods only:
-    who asked, which job, and how it ended."""
+    (:mod:`gateway.api.auditing`) after the response. Set through its methods only: who
+    asked, for which model, which job, and how it ended."""
 
     user_id: str = "-"
     role: str = "-"
@@ -85,6 +85,11 @@ class AuditInfo:
 
     def who(self, user_id: str, role: str, service: str | None) -> None:
         self.user_id, self.role, self.service = user_id, role, service
+
+    def asked(self, model: str) -> None:
+        """The served model the request names: recorded even if it is refused before a job
+        exists (no worker for it, a full line)."""
+        self.model = model
 
     def job(
         self,

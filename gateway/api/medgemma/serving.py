@@ -151,6 +151,7 @@ async def serve(
     *,
     client_gone: ClientGone | None = None,
 ) -> Response:
+    audit.asked(entry.model_name)
     check_request(req, entry)
     async with admission(state, principal, stream=req.stream) as slot:
         sampling, hint = sampling_for(req, entry)

@@ -175,6 +175,7 @@ async def serve(
     """``resumable``: the client may come back for the rest (``GET /jobs/{id}/events``), so a
     dropped connection gets the resume grace; otherwise (OpenAI clients never resume) the job
     is cancelled as soon as its client is gone, freeing the GPU at once."""
+    audit.asked(entry.model_name)
     tools_ignored = check_options(req)
     check_streaming(entry, req.stream)
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
