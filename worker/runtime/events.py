@@ -51,7 +51,7 @@ PipelineHook = Callable[["Pipeline"], None]
 # unless the job is cancelled (its conversation erased with its log: the worker ends it,
 # cancelled, without a hole to mind). The log's length is its last seq: it holds events 1..n,
 # never trimmed, and this check keeps it so (XLEN is O(1); reading the last entry copied its
-# payload into Lua and cost Redis 70% more CPU per token). A retry of a call that ran but
+# payload into Lua and cost Redis 72% more CPU per token). A retry of a call that ran but
 # whose reply was lost (the connection dropped) finds its event there and writes nothing: the
 # token is in the log once, and a reader that missed the PUBLISH reads it from the log.
 _EMIT = """
