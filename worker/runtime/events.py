@@ -22,7 +22,8 @@ event. After a Redis failover it may not: the old master acknowledged an event a
 its replica had it. Writing on would leave a hole that a resuming client, or the worker that
 continues the job, reads as if nothing were missing (the continuation would repeat a token).
 The write raises :class:`LogGap` instead; the worker stops and the job is handed over,
-continuing from what the log holds.
+continuing from what the log holds. (A cancelled job is exempt: erasing its conversation
+deleted its log, and its worker ends it as before.)
 """
 
 from __future__ import annotations
