@@ -22,6 +22,7 @@ import fakeredis
 import pytest
 from PIL import Image
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import WatchError
 
 from devstack.processes import wait_for
 from shared.keys import Keys
@@ -442,8 +443,17 @@ def test_a_log_that_lost_events_in_a_failover_stops_the_job_for_a_handover(
 
     def lose_the_last_event() -> None:
         wait_for(lambda: redis.xlen(log) >= 2, 10, "two tokens")
-        last_id = redis.xrevrange(log, count=1)[0][0]
-        redis.xdel(log, last_id)
+        with redis.pipeline() as pipe:
+            while True:  # the last event, whichever it is when it goes
+                try:
+                    pipe.watch(log)
+                    last_id = pipe.xrevrange(log, count=1)[0][0]
+                    pipe.multi()
+                    pipe.xdel(log, last_id)
+                    pipe.execute()
+                    break
+                except WatchError:
+                    continue
         lost.append(int(last_id.split("-")[0]))
 
     lost: list[int] = []
