@@ -169,30 +169,32 @@ class JobRunner:
         pub.on_terminal.append(lambda pipe: self._release_held(job, pipe))
         if self._cancels is not None:
             self._cancels.begin(job.job_id)
-        unreachable = False  # Redis stayed away longer than the client's retries
+        # Stopped unfinished with the claim still ours (Redis stayed away, or the log lost
+        # events): the claim lapses and the gateway hands the job over.
+        hand_over = False
         try:
             self._run_claimed(job, pub, sent)
         except Fenced:
             self._leases.forfeit(job.job_id)
             logger.info("job %s: its claim is another worker's now; stopped", job.job_id)
         except LogGap:
-            # A failover lost events this worker wrote: the job continues from the log.
-            unreachable = True  # (handed over, as if Redis had stayed away)
+            hand_over = True  # a failover lost events this worker wrote: continue from the log
             logger.warning("job %s: stopped, its log lost events (a Redis failover)", job.job_id)
         except (RedisError, OSError) as exc:
-            unreachable = not self._leases.lost(job.job_id)
+            lost = self._leases.lost(job.job_id)
+            hand_over = not lost  # (a lost lease: another worker holds the job already)
             # Either way the job is left to the gateway: its claim is no longer renewed, and
             # once it lapses the job is handed over and continues from its log.
             logger.warning(
                 "job %s: stopped, %s (%s)",
                 job.job_id,
-                "Redis unreachable" if unreachable else "its lease was lost",
+                "its lease was lost" if lost else "Redis unreachable",
                 type(exc).__name__,
             )
         finally:
             if self._cancels is not None:
                 self._cancels.end(job.job_id)
-            handed_over = (unreachable or self._leases.lost(job.job_id)) and not pub.terminal_sent
+            handed_over = (hand_over or self._leases.lost(job.job_id)) and not pub.terminal_sent
             self._leases.release(job.job_id, finished=not handed_over)
             if not handed_over:  # the next worker needs the images and the lock
                 image_keys = self._image_keys(job)  # (gone already after a terminal event)
